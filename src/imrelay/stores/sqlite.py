@@ -1,0 +1,571 @@
+"""The SQLite store: durable inbox, outbox and conversation context in one file.
+
+Theory of operation: every write (``put``, ``set_state``, ``record_sent``, ``append``,
+``clear``, ``purge``) becomes an operation on an asyncio queue. One writer task drains the
+queue: it takes whatever is queued when it wakes (and, if that is a single operation, lingers
+``commit_interval_ms`` for company), then runs the whole batch in one transaction on the store's
+only thread. Each operation runs inside its own ``SAVEPOINT`` so a failing one is rolled back
+alone; the callers' futures resolve only after ``COMMIT`` returned, so ``put`` returning ``True``
+means the message is committed. Because operations run one after another on one connection, a
+duplicate within the same batch sees the keys its predecessor inserted: of two concurrent puts
+sharing a key exactly one wins.
+
+Reads run on the same thread between batches, so they see every committed write and never an
+uncommitted one.
+
+Durability: the database runs in WAL mode with ``synchronous=NORMAL``. A committed transaction is
+in the WAL file (the OS page cache) when ``COMMIT`` returns, so a process crash (``kill -9``,
+OOM) loses nothing; only an OS crash or power loss may lose the last few commits, which are
+fsynced at the next checkpoint. ``FULL`` would fsync every commit for that last guarantee.
+
+Dedup keys (``message_id`` plus ``dedup_keys``, per platform) are stamped with the store clock
+when the message is accepted and count for ``dedup_ttl_s`` seconds. A key older than that no
+longer blocks a message, except that a message still pending is never stored twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TypeVar, cast
+
+from imrelay.errors import StoreError
+from imrelay.message import InboundMessage
+from imrelay.stores.base import FINAL_STATES, ContextTurn, InboxRecord, MessageState
+
+__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 1
+_MAX_BATCH: Final = 1024
+_BUSY_TIMEOUT_S: Final = 5.0
+_PENDING: Final = (MessageState.RECEIVED.value, MessageState.PROCESSING.value)
+_FINAL: Final = tuple(sorted(s.value for s in FINAL_STATES))
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    platform TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT '',
+    received_at REAL NOT NULL,
+    body TEXT NOT NULL,
+    UNIQUE (platform, message_id)
+);
+CREATE INDEX IF NOT EXISTS messages_by_state ON messages (state, seq);
+CREATE INDEX IF NOT EXISTS messages_by_received ON messages (received_at);
+CREATE TABLE IF NOT EXISTS dedup (
+    platform TEXT NOT NULL,
+    key TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    PRIMARY KEY (platform, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedup_by_seen ON dedup (seen_at);
+CREATE TABLE IF NOT EXISTS sent (
+    platform TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    part INTEGER NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (platform, message_id, part)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS context (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    at REAL NOT NULL,
+    message_id TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS context_by_key ON context (key, id);
+"""
+
+_T = TypeVar("_T")
+_Op = Callable[[sqlite3.Connection], Any]
+_Row = tuple[Any, ...]
+
+
+@dataclass(slots=True)
+class _Queued:
+    op: _Op
+    future: asyncio.Future[Any]
+
+
+def _encode(message: InboundMessage) -> str:
+    try:
+        return json.dumps(message.to_dict(), ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"message is not json-serialisable: {exc}") from exc
+
+
+def _decode(row: _Row) -> InboxRecord:
+    """Build a record from ``(seq, body, state, attempts, reason)``; raises ``ValueError``."""
+    seq, body, state, attempts, reason = row
+    try:
+        message = InboundMessage.from_dict(json.loads(body))
+        return InboxRecord(int(seq), message, MessageState(state), int(attempts), str(reason))
+    except (TypeError, AttributeError, KeyError) as exc:
+        raise ValueError(f"unreadable record: {type(exc).__name__}") from exc
+
+
+class SQLiteStore:
+    """A :class:`~imrelay.stores.base.Store` in one SQLite file.
+
+    Args:
+        path: the database file; parent directories are created by :meth:`open`.
+        commit_interval_ms: how long a lone write waits for others to share its commit.
+        dedup_ttl_s: how long a dedup key blocks redeliveries.
+        clock: epoch seconds; stamps arrival and dedup times.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        commit_interval_ms: float = 2.0,
+        dedup_ttl_s: float = 86400.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = os.fspath(path)
+        self._linger = max(commit_interval_ms, 0.0) / 1000.0
+        self._ttl = dedup_ttl_s
+        self._clock = clock
+        self._conn: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._queue: asyncio.Queue[_Queued | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        self.commits = 0
+        """Transactions committed so far (each may hold many operations)."""
+
+    async def __aenter__(self) -> SQLiteStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the file, its parent directories and the schema; start the writer.
+
+        Raises:
+            StoreError: the store was opened before, or the database cannot be used.
+        """
+        if self._closed:
+            raise StoreError("store is closed")
+        if self._executor is not None:
+            raise StoreError("store is already open")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imrelay-sqlite")
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
+        except BaseException:
+            # if open() was cancelled, _connect may still finish: close what it opened
+            self._executor.submit(self._disconnect)
+            self._executor.shutdown(wait=True)
+            self._executor = None
+            raise
+        self._writer = asyncio.create_task(self._run_writer(), name="imrelay-sqlite-writer")
+
+    def _connect(self) -> None:
+        try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open sqlite database: {exc}") from exc
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal" and self.path != ":memory:":
+                raise StoreError(f"sqlite refused wal journal mode (got {mode!r})")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            # one transaction, so a second process opening the same file waits for the schema
+            conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA)
+            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            if row[0] is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] > SCHEMA_VERSION:
+                raise StoreError(
+                    f"database schema version {row[0]} is newer than supported ({SCHEMA_VERSION})"
+                )
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            conn.close()  # rolls back an open transaction
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot initialise sqlite database: {exc}") from exc
+            raise
+        self._conn = conn
+
+    async def ping(self) -> None:
+        """Run a trivial query; raise :class:`StoreError` if the database cannot answer."""
+        await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def aclose(self) -> None:
+        """Commit every queued write, then close the database. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._queue.put_nowait(None)
+            await self._writer
+        if self._executor is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._disconnect)
+            self._executor.shutdown(wait=True)
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("store is closed")
+        if self._executor is None:
+            raise StoreError("store is not open")
+
+    # -- the single writer -----------------------------------------------------------------
+
+    async def _write(self, op: Callable[[sqlite3.Connection], _T]) -> _T:
+        self._check_open()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Queued(op, future))
+        return cast(_T, await future)
+
+    async def _run_writer(self) -> None:
+        stop = False
+        while not stop:
+            first = await self._queue.get()
+            if first is None:
+                break
+            if self._queue.empty() and self._linger > 0:
+                await asyncio.sleep(self._linger)
+            batch = [first]
+            while len(batch) < _MAX_BATCH and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:  # aclose() enqueues it after the last write
+                    stop = True
+                    break
+                batch.append(item)
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[_Queued]) -> None:
+        loop = asyncio.get_running_loop()
+        ops = [item.op for item in batch]
+        try:
+            results = await loop.run_in_executor(self._executor, self._execute, ops)
+        except asyncio.CancelledError:
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(StoreError("store writer was cancelled"))
+            raise
+        except Exception as exc:  # the commit itself failed: no operation took effect
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        self.commits += 1
+        for item, (ok, value) in zip(batch, results, strict=True):
+            if item.future.done():  # the caller was cancelled; the write stands
+                continue
+            if ok:
+                item.future.set_result(value)
+            else:
+                item.future.set_exception(value)
+
+    def _execute(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
+        conn = self._conn
+        if conn is None:
+            raise StoreError("store is closed")
+        results: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in ops:
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = op(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((False, _translate(exc)))
+                else:
+                    conn.execute("RELEASE op")
+                    results.append((True, value))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.rollback()
+            raise StoreError(f"sqlite commit failed: {exc}") from exc
+        return results
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        self._check_open()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._guard, fn)
+
+    def _guard(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._conn is None:
+            raise StoreError("store is closed")
+        try:
+            return fn(self._conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite query failed: {exc}") from exc
+
+    # -- Inbox -----------------------------------------------------------------------------
+
+    async def put(self, message: InboundMessage) -> bool:
+        """Commit ``message`` as ``received`` unless one of its keys is known.
+
+        Returns:
+            ``True`` once the message is committed; ``False`` for a duplicate (nothing stored).
+
+        Raises:
+            StoreError: the store is closed, the message cannot be serialised, or SQLite failed.
+        """
+        self._check_open()
+        body = _encode(message)
+        keys = list(dict.fromkeys((message.message_id, *message.dedup_keys)))
+        now = self._clock()
+        fresh_after = now - self._ttl
+        platform, message_id = message.platform, message.message_id
+
+        def op(conn: sqlite3.Connection) -> bool:
+            marks = ",".join("?" * len(keys))
+            live = conn.execute(
+                f"SELECT 1 FROM dedup WHERE platform = ? AND key IN ({marks}) AND seen_at >= ?"
+                " LIMIT 1",
+                (platform, *keys, fresh_after),
+            ).fetchone()
+            if live is not None:
+                return False
+            old = conn.execute(
+                "SELECT state FROM messages WHERE platform = ? AND message_id = ?",
+                (platform, message_id),
+            ).fetchone()
+            if old is not None:
+                if old[0] in _PENDING:  # its keys expired but it was never finished
+                    return False
+                conn.execute(
+                    "DELETE FROM messages WHERE platform = ? AND message_id = ?",
+                    (platform, message_id),
+                )
+                conn.execute(
+                    "DELETE FROM sent WHERE platform = ? AND message_id = ?",
+                    (platform, message_id),
+                )
+            conn.executemany(
+                "INSERT OR REPLACE INTO dedup (platform, key, seen_at) VALUES (?, ?, ?)",
+                [(platform, key, now) for key in keys],
+            )
+            conn.execute(
+                "INSERT INTO messages (platform, message_id, state, received_at, body)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (platform, message_id, MessageState.RECEIVED.value, now, body),
+            )
+            return True
+
+        return await self._write(op)
+
+    async def set_state(
+        self, platform: str, message_id: str, state: MessageState, reason: str = ""
+    ) -> None:
+        """Move a message to ``state``; ``processing`` also increments ``attempts``.
+
+        Raises:
+            StoreError: the message is unknown, or the store failed.
+        """
+        value = MessageState(state).value
+        bump = 1 if value == MessageState.PROCESSING.value else 0
+
+        def op(conn: sqlite3.Connection) -> None:
+            cur = conn.execute(
+                "UPDATE messages SET state = ?, reason = ?, attempts = attempts + ?"
+                " WHERE platform = ? AND message_id = ?",
+                (value, reason, bump, platform, message_id),
+            )
+            if cur.rowcount == 0:
+                raise StoreError(f"unknown message {platform}:{message_id}")
+
+        await self._write(op)
+
+    async def get(self, platform: str, message_id: str) -> InboxRecord | None:
+        """Return the record of a message, or ``None``.
+
+        Raises:
+            StoreError: the stored record is unreadable, or the store failed.
+        """
+        row = await self._read(
+            lambda conn: conn.execute(
+                "SELECT seq, body, state, attempts, reason FROM messages"
+                " WHERE platform = ? AND message_id = ?",
+                (platform, message_id),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        try:
+            return _decode(row)
+        except ValueError as exc:
+            raise StoreError(f"message record {platform}:{message_id} is unreadable") from exc
+
+    async def pending(self) -> list[InboxRecord]:
+        """Every ``received`` or ``processing`` message, in arrival order.
+
+        A record that can no longer be decoded is skipped and marked ``failed``.
+        """
+
+        def read(conn: sqlite3.Connection) -> tuple[list[InboxRecord], list[_Row]]:
+            rows = conn.execute(
+                "SELECT seq, body, state, attempts, reason, platform, message_id FROM messages"
+                " WHERE state IN (?, ?) ORDER BY seq",
+                _PENDING,
+            ).fetchall()
+            good: list[InboxRecord] = []
+            bad: list[_Row] = []
+            for row in rows:
+                try:
+                    good.append(_decode(row[:5]))
+                except ValueError:
+                    bad.append(row)
+            return good, bad
+
+        records, corrupted = await self._read(read)
+        for row in corrupted:
+            seq, platform, message_id = row[0], row[5], row[6]
+            logger.warning(
+                "skipping unreadable inbox record %s:%s; marked failed", platform, message_id
+            )
+            await self._write(_mark_unreadable(int(seq)))
+        return records
+
+    async def counts(self) -> dict[MessageState, int]:
+        """How many messages are in each state (every state present, zeros included)."""
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT state, COUNT(*) FROM messages GROUP BY state"
+            ).fetchall()
+        )
+        counts = dict.fromkeys(MessageState, 0)
+        for state, n in rows:
+            if state in counts:
+                counts[MessageState(state)] = int(n)
+        return counts
+
+    async def purge(self, older_than: float) -> int:
+        """Forget finished messages received before ``older_than`` (epoch s).
+
+        Pending messages and their reply records are never purged; dedup keys are purged only
+        once older than both ``older_than`` and the dedup TTL; reply records of messages that
+        are not pending go once recorded before ``older_than``.
+
+        Returns:
+            The number of messages deleted.
+        """
+        keys_before = min(older_than, self._clock() - self._ttl)
+
+        def op(conn: sqlite3.Connection) -> int:
+            deleted = conn.execute(
+                "DELETE FROM messages WHERE received_at < ? AND state IN (?, ?, ?)",
+                (older_than, *_FINAL),
+            ).rowcount
+            conn.execute("DELETE FROM dedup WHERE seen_at < ?", (keys_before,))
+            conn.execute(
+                "DELETE FROM sent WHERE at < ? AND NOT EXISTS (SELECT 1 FROM messages m"
+                " WHERE m.platform = sent.platform AND m.message_id = sent.message_id"
+                " AND m.state IN (?, ?))",
+                (older_than, *_PENDING),
+            )
+            return int(deleted)
+
+        return await self._write(op)
+
+    # -- Outbox ----------------------------------------------------------------------------
+
+    async def was_sent(self, platform: str, message_id: str, part: int) -> bool:
+        """Whether reply part ``part`` of a message was recorded as sent."""
+        row = await self._read(
+            lambda conn: conn.execute(
+                "SELECT 1 FROM sent WHERE platform = ? AND message_id = ? AND part = ?",
+                (platform, message_id, part),
+            ).fetchone()
+        )
+        return row is not None
+
+    async def record_sent(self, platform: str, message_id: str, part: int, at: float) -> None:
+        """Record that reply part ``part`` was accepted; committed on return, idempotent."""
+        await self._write(
+            lambda conn: conn.execute(
+                "INSERT OR IGNORE INTO sent (platform, message_id, part, at) VALUES (?, ?, ?, ?)",
+                (platform, message_id, part, at),
+            )
+        )
+
+    # -- ContextStore ----------------------------------------------------------------------
+
+    async def load(self, key: str, since: float) -> list[ContextTurn]:
+        """The turns of ``key`` written at or after ``since``, oldest first."""
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT role, content, at, message_id FROM context"
+                " WHERE key = ? AND at >= ? ORDER BY id",
+                (key, since),
+            ).fetchall()
+        )
+        return [
+            ContextTurn(role, content, at, message_id) for role, content, at, message_id in rows
+        ]
+
+    async def append(self, key: str, turns: Sequence[ContextTurn], keep: int) -> None:
+        """Append ``turns`` to ``key`` and keep only the newest ``keep`` turns.
+
+        Raises:
+            ValueError: ``keep`` is negative.
+        """
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        rows = [(key, t.role, t.content, t.at, t.message_id) for t in turns]
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO context (key, role, content, at, message_id) VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+            conn.execute(
+                "DELETE FROM context WHERE key = ? AND id NOT IN"
+                " (SELECT id FROM context WHERE key = ? ORDER BY id DESC LIMIT ?)",
+                (key, key, keep),
+            )
+
+        await self._write(op)
+
+    async def clear(self, key: str) -> None:
+        """Forget the history of ``key``."""
+        await self._write(lambda conn: conn.execute("DELETE FROM context WHERE key = ?", (key,)))
+
+
+def _mark_unreadable(seq: int) -> Callable[[sqlite3.Connection], None]:
+    def op(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "UPDATE messages SET state = ?, reason = ? WHERE seq = ? AND state IN (?, ?)",
+            (MessageState.FAILED.value, "unreadable record", seq, *_PENDING),
+        )
+
+    return op
+
+
+def _translate(exc: Exception) -> Exception:
+    if isinstance(exc, sqlite3.Error):
+        error = StoreError(f"sqlite write failed: {exc}")
+        error.__cause__ = exc
+        return error
+    return exc

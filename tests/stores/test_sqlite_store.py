@@ -1,0 +1,256 @@
+"""SQLite-only behaviour: durability across restarts and crashes, WAL, schema, URLs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imrelay.errors import ConfigError, StoreError
+from imrelay.stores import MemoryStore, SQLiteStore, open_store
+from imrelay.stores.base import ContextTurn, MessageState
+from imrelay.stores.sqlite import SCHEMA_VERSION
+
+
+def raw_query(path: Path | str, sql: str) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+async def test_sqlite_store_survives_close_and_reopen(
+    tmp_path: Path, make_message: Any, clock: Any
+) -> None:
+    """A new store object on the same file sees pending messages, reply records, context, keys."""
+    path = tmp_path / "imrelay.db"
+    async with SQLiteStore(path, clock=clock) as first:
+        await first.put(make_message("m1", dedup_keys=("frame-1",)))
+        await first.put(make_message("m2"))
+        await first.put(make_message("m3"))
+        await first.set_state("dingtalk", "m1", MessageState.PROCESSING)
+        await first.set_state("dingtalk", "m3", MessageState.REPLIED)
+        await first.record_sent("dingtalk", "m1", 0, clock())
+        await first.append("k", [ContextTurn("user", "hi", 1.0, "m1")], keep=5)
+        before = await first.pending()
+
+    async with SQLiteStore(path, clock=clock) as second:
+        after = await second.pending()
+        assert after == before
+        assert [(r.message.message_id, r.attempts) for r in after] == [("m1", 1), ("m2", 0)]
+        assert await second.was_sent("dingtalk", "m1", 0) is True
+        assert await second.load("k", since=0) == [ContextTurn("user", "hi", 1.0, "m1")]
+        assert await second.put(make_message("m9", dedup_keys=("frame-1",))) is False
+        assert await second.put(make_message("m4")) is True
+        record = await second.get("dingtalk", "m4")
+        assert record is not None
+        assert record.seq > max(r.seq for r in after)
+
+
+async def test_sqlite_aclose_flushes_queued_puts_to_disk(
+    tmp_path: Path, make_message: Any
+) -> None:
+    """Puts still queued when aclose() starts are on disk afterwards."""
+    path = tmp_path / "imrelay.db"
+    store = SQLiteStore(path, commit_interval_ms=20)
+    await store.open()
+    tasks = [asyncio.ensure_future(store.put(make_message(f"m{i}"))) for i in range(40)]
+    await asyncio.sleep(0)
+    await store.aclose()
+    assert all(await asyncio.gather(*tasks))
+    assert raw_query(path, "SELECT COUNT(*) FROM messages") == [(40,)]
+
+
+async def test_sqlite_concurrent_puts_share_commits(tmp_path: Path, make_message: Any) -> None:
+    """Many concurrent puts are grouped into a few transactions."""
+    async with SQLiteStore(tmp_path / "imrelay.db") as store:
+        results = await asyncio.gather(*(store.put(make_message(f"m{i}")) for i in range(200)))
+        assert all(results)
+        assert 1 <= store.commits <= 5
+
+
+async def test_sqlite_zero_commit_interval_still_commits(
+    tmp_path: Path, make_message: Any
+) -> None:
+    """With no grouping window every write is still committed and readable."""
+    async with SQLiteStore(tmp_path / "imrelay.db", commit_interval_ms=0) as store:
+        for i in range(5):
+            assert await store.put(make_message(f"m{i}")) is True
+        assert len(await store.pending()) == 5
+        assert store.commits == 5
+
+
+async def test_sqlite_open_enables_wal_and_writes_schema_version(tmp_path: Path) -> None:
+    """open() creates parent directories, turns on WAL and records the schema version."""
+    path = tmp_path / "nested" / "dir" / "imrelay.db"
+    async with SQLiteStore(path):
+        assert path.exists()
+        assert raw_query(path, "PRAGMA journal_mode") == [("wal",)]
+        assert raw_query(path, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
+    async with SQLiteStore(path):  # reopening does not add a second version row
+        pass
+    assert raw_query(path, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
+
+
+async def test_sqlite_open_refuses_newer_schema(tmp_path: Path) -> None:
+    """A database written by a newer schema version is refused with StoreError."""
+    path = tmp_path / "imrelay.db"
+    async with SQLiteStore(path):
+        pass
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    conn.close()
+    store = SQLiteStore(path)
+    with pytest.raises(StoreError, match="newer"):
+        await store.open()
+    await store.aclose()
+
+
+async def test_sqlite_open_translates_sqlite_errors(tmp_path: Path) -> None:
+    """A path SQLite cannot open raises StoreError chained to the sqlite3 error."""
+    store = SQLiteStore(tmp_path)  # a directory, not a database file
+    with pytest.raises(StoreError, match="sqlite") as info:
+        await store.open()
+    assert isinstance(info.value.__cause__, sqlite3.Error)
+    with pytest.raises(StoreError, match="not open"):
+        await store.ping()
+    await store.aclose()
+
+
+_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from imrelay.message import Conversation, InboundMessage, Sender
+    from imrelay.stores import SQLiteStore
+
+    def message(mid):
+        return InboundMessage(
+            platform="dingtalk", message_id=mid, conversation=Conversation("c", "group"),
+            sender=Sender("s"), kind="text", text="t " + mid, received_at=0.0,
+        )
+
+    async def worker(store, w):
+        i = 0
+        while True:
+            mid = f"w{w}-{i}"
+            if not await store.put(message(mid)):
+                raise SystemExit("duplicate " + mid)
+            sys.stdout.write(mid + "\\n")
+            sys.stdout.flush()
+            i += 1
+
+    async def main():
+        store = SQLiteStore(sys.argv[1])
+        await store.open()
+        await asyncio.gather(*(worker(store, w) for w in range(8)))
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_sqlite_put_survives_sigkill(tmp_path: Path) -> None:
+    """Every message whose put() returned True before a SIGKILL is there on reopen."""
+    path = tmp_path / "imrelay.db"
+    acked: list[str] = []
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 20
+        while len(acked) < 300 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            acked.append(line.strip())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert proc.stdout is not None
+        acked.extend(line.strip() for line in proc.stdout.read().splitlines())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        proc.stdout.close()
+        stderr = proc.stderr.read()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, stderr
+    assert len(acked) >= 300, stderr
+
+    async with SQLiteStore(path) as store:
+        stored = {r.message.message_id for r in await store.pending()}
+    assert set(acked) <= stored
+
+
+class TestOpenStore:
+    def test_open_store_relative_sqlite_path(self) -> None:
+        """Three slashes then a relative path give a relative database path."""
+        store = open_store("sqlite:///./imrelay.db")
+        assert isinstance(store, SQLiteStore)
+        assert store.path == "./imrelay.db"
+
+    def test_open_store_absolute_sqlite_path(self) -> None:
+        """Four slashes give an absolute path."""
+        store = open_store("sqlite:////var/lib/imrelay/imrelay.db")
+        assert isinstance(store, SQLiteStore)
+        assert store.path == "/var/lib/imrelay/imrelay.db"
+
+    def test_open_store_memory(self) -> None:
+        """memory:// gives a MemoryStore."""
+        assert isinstance(open_store("memory://"), MemoryStore)
+
+    async def test_open_store_passes_settings(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_message: Any, clock: Any
+    ) -> None:
+        """The built store works, relative to the working directory, with the given TTL."""
+        monkeypatch.chdir(tmp_path)
+        store = open_store("sqlite:///data/imrelay.db", dedup_ttl_s=600, clock=clock)
+        await store.open()
+        try:
+            assert await store.put(make_message("m1")) is True
+            await store.set_state("dingtalk", "m1", MessageState.REPLIED)
+            clock.advance(599)
+            assert await store.put(make_message("m1")) is False
+            clock.advance(2)
+            assert await store.put(make_message("m1")) is True
+        finally:
+            await store.aclose()
+        assert (tmp_path / "data" / "imrelay.db").exists()
+
+    @pytest.mark.parametrize(
+        ("url", "match"),
+        [
+            ("redis://:hunter2@cache:6379/0", "'redis' is not supported yet"),
+            ("rediss://cache:6380", "'rediss' is not supported yet"),
+            ("postgresql://u:hunter2@db/imrelay", "unsupported storage url scheme 'postgresql'"),
+            ("imrelay.db", "no scheme"),
+            ("sqlite://dbhost/imrelay.db", "no host"),
+            ("sqlite://", "no host"),
+            ("sqlite:///", "no database path"),
+            ("sqlite:///imrelay.db?mode=ro", "no query"),
+            ("memory://somewhere", "nothing after"),
+        ],
+    )
+    def test_open_store_rejects_bad_urls(self, url: str, match: str) -> None:
+        """A malformed or unsupported URL raises ConfigError keyed storage.url, without secrets."""
+        with pytest.raises(ConfigError, match=match) as info:
+            open_store(url)
+        assert info.value.key == "storage.url"
+        assert "hunter2" not in str(info.value)
