@@ -40,9 +40,7 @@ class ModelBackend(Protocol):
 
     name: str
 
-    def generate(
-        self, messages: Sequence[ChatMessage], result: Generation
-    ) -> AsyncIterator[str]:
+    def generate(self, messages: Sequence[ChatMessage], result: Generation) -> AsyncIterator[str]:
         """Yield text deltas; fill ``result`` (text, timings, usage) as it goes."""
         ...
 
