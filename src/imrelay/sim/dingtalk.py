@@ -1,0 +1,1009 @@
+"""A local fake DingTalk (钉钉): Stream gateway, sessionWebhook, token API and a web chat page.
+
+The official ``dingtalk-stream`` SDK connects to it unchanged when ``DINGTALK_OPENAPI_ENDPOINT``
+points at :attr:`DingTalkSimulator.base_url` (see ``protocols/dingtalk.md`` §6).
+
+Theory of operation
+-------------------
+One aiohttp application on one port serves:
+
+* ``POST /v1.0/gateway/connections/open`` — checks clientId/clientSecret, records the body
+  (without the secret) in :attr:`~DingTalkSimulator.open_calls` and hands out a single-use ticket
+  (90 s TTL, measured with the injected ``clock``).
+* ``GET /connect?ticket=…`` — upgrades to a WebSocket. Server frames are text frames shaped as
+  §1.3: every header value is a string and ``data`` is a JSON string. Every connection gets a
+  SYSTEM ``ping`` each ``ping_interval_s``. Each client frame carrying ``headers.messageId`` is
+  recorded as an ACK in :attr:`~DingTalkSimulator.acks`. WebSocket-level pings are answered by
+  hand (``autoping=False``) so that a silence fault can withhold the pongs.
+* ``POST /robot/sendBySession?session=…`` — the sessionWebhook; replies are validated (§2.1) and
+  recorded in arrival order.
+* ``POST /v1.0/oauth2/accessToken`` — a token that stays the same while valid (7200 s).
+* ``/_sim/…`` — the control API (inject messages, read replies, inject faults, state), and
+  ``GET /``, a self-contained chat page for people.
+
+Delivery semantics
+------------------
+Each injected bot message is pushed to exactly **one** live connection that subscribed CALLBACK
+``/v1.0/im/bot/messages/get`` (round-robin among them). When there is none — no connection, all
+of them were sent ``disconnect``, or a silence fault is active — the message waits in a FIFO
+queue and is pushed as soon as a usable connection appears (a real platform retries; the queue
+keeps tests deterministic). A message that was already **pushed** on a connection that then died
+without ACKing it is not queued again; it is redelivered (same ``messageId`` and ``msgId``) only
+when ``redeliver_after_s`` is set, once that many seconds pass without an ACK.
+
+Faults (:meth:`~DingTalkSimulator.fault`, ``POST /_sim/faults``), windows in real seconds:
+
+* ``{"disconnect": true}`` — SYSTEM ``disconnect`` to every live connection, no more pushes on
+  them, close them ``disconnect_close_after_s`` later (10 s like the real server).
+* ``{"drop": true}`` — abort every connection's TCP transport, no close frame (client sees 1006).
+* ``{"refuse_s": N}`` — answer 503 to gateway opens and WebSocket upgrades for N s.
+* ``{"silence_s": N}`` — for N s: push nothing (not even pings), answer no WebSocket ping and
+  ignore every client frame (ACKs sent meanwhile are lost, as on a half-open link).
+* ``{"throttle_s": N}`` — the sessionWebhook answers errcode 130101 (send too fast) for N s.
+
+Recorded traffic (ACKs, replies, injected messages, sessions) is bounded by ``max_records``;
+the oldest entries are forgotten first, and a forgotten session answers errcode 300001.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from imrelay.sim._common import (
+    BoundedDict,
+    json_response,
+    loopback_url,
+    new_request_id,
+    read_json_object,
+    require_seconds,
+)
+from imrelay.sim.dingtalk_page import render_page
+
+__all__ = [
+    "BOT_MESSAGE_TOPIC",
+    "DEFAULT_GROUP_ID",
+    "INBOUND_MSGTYPES",
+    "PRESET_GROUPS",
+    "PRESET_USERS",
+    "REPLY_MSGTYPES",
+    "DingTalkSimulator",
+    "serve",
+]
+
+logger = logging.getLogger(__name__)
+
+BOT_MESSAGE_TOPIC: Final = "/v1.0/im/bot/messages/get"
+INBOUND_MSGTYPES: Final = frozenset(
+    {"text", "picture", "richText", "audio", "video", "file", "unknownMsgType"}
+)
+REPLY_MSGTYPES: Final = frozenset({"text", "markdown", "actionCard", "link", "feedCard"})
+PRESET_USERS: Final[tuple[tuple[str, str], ...]] = (
+    ("zhangsan", "张三"),
+    ("lisi", "李四"),
+    ("alice", "Alice"),
+    ("bob", "Bob"),
+)
+PRESET_GROUPS: Final[tuple[tuple[str, str], ...]] = (
+    ("cidSimGroupRnD0000000001==", "研发群 R&D"),
+    ("cidSimGroupOps0000000002==", "Ops 运维群"),
+)
+DEFAULT_GROUP_ID: Final = PRESET_GROUPS[0][0]
+DEFAULT_SENDER: Final = PRESET_USERS[0][0]
+
+_TICKET_TTL_S: Final = 90.0
+_TOKEN_TTL_S: Final = 7200.0
+_SESSION_TTL_MS: Final = 90 * 60 * 1000
+_UNKNOWN_TEXT: Final = "用户发送了一条消息，机器人暂不支持接收。"
+_FAULT_KEYS: Final = frozenset({"disconnect", "drop", "refuse_s", "silence_s", "throttle_s"})
+
+
+def _encrypted_id(kind: str, value: str) -> str:
+    """Return a stable opaque id shaped like DingTalk's ``$:LWCP_v1:$…`` ids."""
+    digest = hashlib.sha256(f"{kind}:{value}".encode()).digest()[:18]
+    return "$:LWCP_v1:$" + base64.b64encode(digest).decode()
+
+
+def _errcode(errcode: int, errmsg: str) -> web.Response:
+    """Return a webhook-style answer: always HTTP 200, the outcome is in ``errcode``."""
+    return json_response({"errcode": errcode, "errmsg": errmsg})
+
+
+def _api_error(status: int, code: str, message: str) -> web.Response:
+    """Return a new-API error body ``{"requestid","code","message"}``."""
+    return json_response(
+        {"requestid": new_request_id(), "code": code, "message": message}, status=status
+    )
+
+
+def _bad_credentials() -> web.Response:
+    return _api_error(400, "invalidClientIdOrSecret", "无效的clientId或者clientSecret")
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _is_str_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _check_message_args(args: dict[str, object]) -> None:
+    """Validate injected-message arguments, which may come straight from JSON.
+
+    Raises:
+        ValueError: naming the first bad argument.
+    """
+    if not isinstance(args["text"], str):
+        raise ValueError("text must be a string")
+    if args["conversation_type"] not in ("1", "2"):
+        raise ValueError('conversation_type must be "1" or "2"')
+    if args["msgtype"] not in INBOUND_MSGTYPES:
+        raise ValueError(f"msgtype must be one of {', '.join(sorted(INBOUND_MSGTYPES))}")
+    for name in ("conversation_id", "sender_id", "message_id", "msg_id"):
+        if args[name] is not None and not _is_str(args[name]):
+            raise ValueError(f"{name} must be a non-empty string")
+    if args["sender_nick"] is not None and not isinstance(args["sender_nick"], str):
+        raise ValueError("sender_nick must be a string")
+    for name in ("at_bot", "is_admin"):
+        if not isinstance(args[name], bool):
+            raise ValueError(f"{name} must be a boolean")
+
+
+def _check_reply(msgtype: str, body: dict[str, Any]) -> str | None:
+    """Validate a sessionWebhook body of a known msgtype (§2.1).
+
+    Returns:
+        The dotted name of the first missing or invalid field, or ``None`` when valid.
+    """
+    sub = body.get(msgtype)
+    if not isinstance(sub, dict):
+        return msgtype
+    required: dict[str, tuple[str, ...]] = {
+        "text": ("content",),
+        "markdown": ("title", "text"),
+        "actionCard": ("title", "text"),
+        "link": ("title", "text", "messageUrl"),
+        "feedCard": (),
+    }
+    for key in required[msgtype]:
+        if not _is_str(sub.get(key)):
+            return f"{msgtype}.{key}"
+    if msgtype == "actionCard" and not (
+        _is_str(sub.get("singleTitle")) and _is_str(sub.get("singleURL"))
+    ):
+        btns = sub.get("btns")
+        if not isinstance(btns, list) or not btns:
+            return "actionCard.btns"
+        for btn in btns:
+            if not (isinstance(btn, dict) and _is_str(btn.get("title"))):
+                return "actionCard.btns.title"
+            if not _is_str(btn.get("actionURL")):
+                return "actionCard.btns.actionURL"
+    if msgtype == "feedCard":
+        links = sub.get("links")
+        if not isinstance(links, list) or not links:
+            return "feedCard.links"
+        for link in links:
+            for key in ("title", "messageURL", "picURL"):
+                if not (isinstance(link, dict) and _is_str(link.get(key))):
+                    return f"feedCard.links.{key}"
+    at = body.get("at")
+    if at is not None:
+        if not isinstance(at, dict):
+            return "at"
+        for key in ("atUserIds", "atMobiles"):
+            if key in at and not _is_str_list(at[key]):
+                return f"at.{key}"
+        if "isAtAll" in at and not isinstance(at["isAtAll"], bool):
+            return "at.isAtAll"
+    return None
+
+
+@dataclass(slots=True)
+class _Inbound:
+    """One injected bot message: its ids and the ready-made ``data`` JSON string."""
+
+    message_id: str
+    msg_id: str
+    data: str
+
+
+@dataclass(slots=True)
+class _Ticket:
+    expires_at: float
+    subscriptions: list[dict[str, str]]
+
+
+@dataclass(slots=True)
+class _Session:
+    msg_id: str
+    conversation_id: str
+    expires_ms: int
+
+
+@dataclass(eq=False, slots=True)
+class _Connection:
+    """One accepted WebSocket and what the simulator knows about it."""
+
+    id: str
+    ws: web.WebSocketResponse
+    transport: asyncio.Transport | None
+    subscriptions: list[dict[str, str]]
+    wants_bot: bool
+    draining: bool = False
+    ping_task: asyncio.Task[None] | None = None
+    close_task: asyncio.Task[None] | None = None
+
+
+class DingTalkSimulator:
+    """A fake DingTalk server on loopback; see the module docstring for what it implements.
+
+    Args:
+        host: address to bind.
+        port: port to bind; 0 picks a free one (read :attr:`port` after :meth:`start`).
+        app_key: the accepted clientId/appKey; also the ``robotCode`` in messages.
+        app_secret: the accepted clientSecret/appSecret.
+        ping_interval_s: seconds between SYSTEM ``ping`` frames on each connection.
+        redeliver_after_s: when set, re-push a bot message not ACKed within this many seconds.
+        clock: wall clock in epoch seconds, for ``createAt``/``time`` and every TTL (tickets,
+            sessions, tokens).
+        disconnect_close_after_s: delay between a ``disconnect`` frame and the server's close.
+        public_url: base URL clients use to reach the simulator (sessionWebhook and WebSocket
+            endpoint); default :attr:`base_url` for the webhook and the request's Host for the
+            endpoint.
+        max_records: how many ACKs, replies, messages and sessions are remembered.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        app_key: str = "sim-app-key",
+        app_secret: str = "sim-app-secret",
+        ping_interval_s: float = 20.0,
+        redeliver_after_s: float | None = None,
+        clock: Callable[[], float] = time.time,
+        disconnect_close_after_s: float = 10.0,
+        public_url: str | None = None,
+        max_records: int = 100_000,
+    ) -> None:
+        if ping_interval_s <= 0:
+            raise ValueError("ping_interval_s must be positive")
+        if redeliver_after_s is not None and redeliver_after_s <= 0:
+            raise ValueError("redeliver_after_s must be positive")
+        self._host = host
+        self._bind_port = port
+        self._app_key = app_key
+        self._app_secret = app_secret
+        self._ping_interval_s = ping_interval_s
+        self._redeliver_after_s = redeliver_after_s
+        self._clock = clock
+        self._disconnect_close_after_s = disconnect_close_after_s
+        self._public_url = public_url.rstrip("/") if public_url else None
+        self.port = 0
+        self.base_url = ""
+        self.acks: dict[str, dict[str, Any]] = BoundedDict(max_records)
+        self.connections_opened = 0
+        self.open_calls: list[dict[str, Any]] = []
+        self.bad_frames = 0
+        self.redeliveries = 0
+        self._conns: dict[str, _Connection] = {}
+        self._pending: deque[_Inbound] = deque()
+        self._inflight: dict[str, tuple[_Inbound, float]] = {}
+        self._tickets: dict[str, _Ticket] = {}
+        self._sessions: BoundedDict[str, _Session] = BoundedDict(max_records)
+        self._replies: deque[dict[str, Any]] = deque(maxlen=max_records)
+        self._messages: deque[dict[str, Any]] = deque(maxlen=max_records)
+        self._reply_seq = 0
+        self._message_seq = 0
+        self._frame_seq = 0
+        self._rr = 0
+        self._token: tuple[str, float] | None = None
+        self._refuse_until = 0.0
+        self._silent_until = 0.0
+        self._throttle_until = 0.0
+        self._app_id = str(uuid.uuid4())
+        self._corp_id = "dingsim" + hashlib.sha256(app_key.encode()).hexdigest()[:16]
+        self._bot_user_id = _encrypted_id("bot", app_key)
+        self._runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._flush_task: asyncio.Task[None] | None = None
+        self._redeliver_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def app_key(self) -> str:
+        """The accepted clientId/appKey (also ``robotCode`` in messages)."""
+        return self._app_key
+
+    @property
+    def app_secret(self) -> str:
+        """The accepted clientSecret/appSecret, for configuring a client under test."""
+        return self._app_secret
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Bind the server; afterwards :attr:`port` and :attr:`base_url` are set."""
+        if self._runner is not None:
+            raise RuntimeError("simulator already started")
+        app = web.Application()
+        app.router.add_get("/", self._handle_index)
+        app.router.add_post("/v1.0/gateway/connections/open", self._handle_open)
+        app.router.add_get("/connect", self._handle_connect)
+        app.router.add_post("/v1.0/oauth2/accessToken", self._handle_token)
+        app.router.add_post("/robot/sendBySession", self._handle_send_by_session)
+        app.router.add_post("/_sim/messages", self._handle_post_message)
+        app.router.add_get("/_sim/messages", self._handle_get_messages)
+        app.router.add_get("/_sim/replies", self._handle_get_replies)
+        app.router.add_post("/_sim/faults", self._handle_faults)
+        app.router.add_get("/_sim/state", self._handle_state)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self._host, self._bind_port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        self.base_url = loopback_url(self._host, self.port)
+        if self._redeliver_after_s is not None:
+            self._redeliver_task = self._spawn(self._redeliver_loop(self._redeliver_after_s))
+        logger.info("dingtalk simulator listening on %s", self.base_url)
+
+    async def aclose(self) -> None:
+        """Close every WebSocket connection and the server."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(
+            *(
+                self._close_connection(conn, WSCloseCode.GOING_AWAY, grace_s=0.5)
+                for conn in list(self._conns.values())
+            )
+        )
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def __aenter__(self) -> DingTalkSimulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ Python control API
+
+    async def send_message(
+        self,
+        text: str = "",
+        *,
+        conversation_id: str | None = None,
+        conversation_type: str = "1",
+        sender_id: str | None = None,
+        sender_nick: str | None = None,
+        msgtype: str = "text",
+        at_bot: bool = True,
+        message_id: str | None = None,
+        msg_id: str | None = None,
+        is_admin: bool = False,
+    ) -> dict[str, str]:
+        """Inject a message a person sent to the bot (same as ``POST /_sim/messages``).
+
+        In 1:1 chats (``conversation_type="1"``) the bot is always addressed; in groups
+        (``"2"``) ``at_bot=False`` still delivers the message but with ``isInAtList=false`` so a
+        gateway's own mention check can be tested (the real platform would not deliver it).
+
+        Args:
+            text: the text; for ``audio`` the speech recognition, for ``file`` the file name.
+            conversation_id: default: one per sender in 1:1, :data:`DEFAULT_GROUP_ID` in groups.
+            conversation_type: ``"1"`` (1:1) or ``"2"`` (group).
+            sender_id: the sender's staffId (``senderStaffId``); default ``zhangsan``.
+            sender_nick: default: the preset nick of ``sender_id``, else ``sender_id``.
+            msgtype: one of :data:`INBOUND_MSGTYPES`.
+            at_bot: whether the bot is @-mentioned (groups only).
+            message_id: frame ``messageId`` override, e.g. to inject duplicates.
+            msg_id: payload ``msgId`` override.
+            is_admin: the payload's ``isAdmin``.
+
+        Returns:
+            ``{"msg_id": …, "message_id": …}``.
+
+        Raises:
+            ValueError: if an argument is invalid.
+            RuntimeError: if the simulator is not started.
+        """
+        if self._runner is None or self._closed:
+            raise RuntimeError("simulator is not running")
+        args: dict[str, Any] = dict(locals())
+        del args["self"]
+        _check_message_args(args)
+        rec = self._build_inbound(**args)
+        ids = {"msg_id": rec.msg_id, "message_id": rec.message_id}
+        if not self._pending and (self._flush_task is None or self._flush_task.done()):
+            conn = self._pick()
+            if conn is not None and await self._push(conn, rec):
+                return ids
+        self._pending.append(rec)
+        self._kick()
+        return ids
+
+    def replies(self, msg_id: str | None = None) -> list[dict[str, Any]]:
+        """Return the recorded sessionWebhook replies in arrival order, optionally for one msgId.
+
+        Each is ``{"seq", "msg_id", "conversation_id", "msgtype", "body", "received_at"}``.
+        """
+        return [dict(r) for r in self._replies if msg_id is None or r["msg_id"] == msg_id]
+
+    def active_connections(self) -> int:
+        """Return how many WebSockets are open and usable (not told to ``disconnect``)."""
+        return sum(1 for c in self._conns.values() if not c.draining and not c.ws.closed)
+
+    def pending_count(self) -> int:
+        """Return how many bot messages wait for a usable connection."""
+        return len(self._pending)
+
+    async def fault(self, spec: dict[str, Any]) -> None:
+        """Inject faults (same as ``POST /_sim/faults``); see the module docstring.
+
+        Raises:
+            ValueError: if ``spec`` has an unknown key or a bad value.
+        """
+        if not spec:
+            raise ValueError("fault spec must be a non-empty object")
+        unknown = sorted(set(spec) - _FAULT_KEYS)
+        if unknown:
+            raise ValueError(f"unknown fault keys: {', '.join(unknown)}")
+        for key in ("disconnect", "drop"):
+            if key in spec and not isinstance(spec[key], bool):
+                raise ValueError(f"{key} must be a boolean")
+        windows = {
+            key: require_seconds(key, spec[key], maximum=3600.0)
+            for key in ("refuse_s", "silence_s", "throttle_s")
+            if key in spec
+        }
+        now = asyncio.get_running_loop().time()
+        if "refuse_s" in windows:
+            self._refuse_until = max(self._refuse_until, now + windows["refuse_s"])
+        if "throttle_s" in windows:
+            self._throttle_until = max(self._throttle_until, now + windows["throttle_s"])
+        if "silence_s" in windows:
+            self._silent_until = max(self._silent_until, now + windows["silence_s"])
+            asyncio.get_running_loop().call_later(windows["silence_s"] + 0.001, self._kick)
+        if spec.get("disconnect"):
+            for conn in list(self._conns.values()):
+                if not conn.draining:
+                    conn.draining = True
+                    data = {"reason": "connection is expired"}
+                    await self._send(conn, self._system_frame(conn, "disconnect", data))
+                    conn.close_task = self._spawn(self._close_later(conn))
+        if spec.get("drop"):
+            for conn in list(self._conns.values()):
+                conn.draining = True
+                if conn.transport is not None:
+                    conn.transport.abort()
+        logger.debug("dingtalk simulator fault applied: %s", sorted(spec))
+
+    def state(self) -> dict[str, Any]:
+        """Return the ``GET /_sim/state`` document."""
+        now = asyncio.get_running_loop().time()
+        return {
+            "connections": self.active_connections(),
+            "connections_opened": self.connections_opened,
+            "open_calls": [dict(c) for c in self.open_calls],
+            "acks": len(self.acks),
+            "pending": len(self._pending),
+            "inflight": len(self._inflight),
+            "redeliveries": self.redeliveries,
+            "replies": len(self._replies),
+            "bad_frames": self.bad_frames,
+            "refusing": now < self._refuse_until,
+            "silenced": now < self._silent_until,
+            "throttled": now < self._throttle_until,
+        }
+
+    # ------------------------------------------------------------------ message building
+
+    def _build_inbound(
+        self,
+        text: str,
+        *,
+        conversation_id: str | None,
+        conversation_type: str,
+        sender_id: str | None,
+        sender_nick: str | None,
+        msgtype: str,
+        at_bot: bool,
+        message_id: str | None,
+        msg_id: str | None,
+        is_admin: bool,
+    ) -> _Inbound:
+        """Build the §1.7 payload of valid arguments and register its session."""
+        group = conversation_type == "2"
+        sender = sender_id or DEFAULT_SENDER
+        nick = sender_nick or dict(PRESET_USERS).get(sender, sender)
+        if conversation_id is None:
+            conversation_id = DEFAULT_GROUP_ID if group else self._direct_conversation_id(sender)
+        msg_id = msg_id or "msg" + base64.urlsafe_b64encode(secrets.token_bytes(16)).decode()
+        self._frame_seq += 1
+        now_ms = int(self._clock() * 1000)
+        message_id = message_id or (
+            f"{secrets.token_hex(4)}_{self._frame_seq}_{now_ms:x}_{secrets.token_hex(3)[:5]}"
+        )
+        session = secrets.token_hex(16)
+        self._sessions[session] = _Session(msg_id, conversation_id, now_ms + _SESSION_TTL_MS)
+        webhook_base = self._public_url or self.base_url
+        mentioned = at_bot or not group
+        payload: dict[str, Any] = {
+            "conversationId": conversation_id,
+            "atUsers": [{"dingtalkId": self._bot_user_id}] if group and at_bot else [],
+            "chatbotCorpId": self._corp_id,
+            "chatbotUserId": self._bot_user_id,
+            "msgId": msg_id,
+            "senderNick": nick,
+            "isAdmin": is_admin,
+            "senderStaffId": sender,
+            "sessionWebhookExpiredTime": now_ms + _SESSION_TTL_MS,
+            "createAt": now_ms,
+            "senderCorpId": self._corp_id,
+            "conversationType": conversation_type,
+            "senderId": _encrypted_id("user", sender),
+            "isInAtList": mentioned,
+            "sessionWebhook": f"{webhook_base}/robot/sendBySession?session={session}",
+            "robotCode": self._app_key,
+            "msgtype": msgtype,
+        }
+        title = ""
+        if group:
+            title = dict(PRESET_GROUPS).get(conversation_id, "模拟群 Sim group")
+            payload["conversationTitle"] = title
+        payload.update(self._content(msgtype, text, leading_space=group and at_bot))
+        self._message_seq += 1
+        self._messages.append(
+            {
+                "seq": self._message_seq,
+                "msg_id": msg_id,
+                "message_id": message_id,
+                "conversation_id": conversation_id,
+                "conversation_type": conversation_type,
+                "conversation_title": title,
+                "sender_id": sender,
+                "sender_nick": nick,
+                "msgtype": msgtype,
+                "text": text,
+                "at_bot": mentioned,
+                "created_at": now_ms / 1000,
+            }
+        )
+        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+        return _Inbound(message_id=message_id, msg_id=msg_id, data=data)
+
+    def _direct_conversation_id(self, sender_id: str) -> str:
+        digest = hashlib.sha256(f"{self._app_key}:{sender_id}".encode()).digest()[:24]
+        return "cid" + base64.b64encode(digest).decode()
+
+    @staticmethod
+    def _content(msgtype: str, text: str, *, leading_space: bool) -> dict[str, Any]:
+        """Return the msgtype-specific part of a payload (§1.7)."""
+
+        def code() -> str:
+            return base64.b64encode(secrets.token_bytes(36)).decode()
+
+        if msgtype == "text":
+            return {"text": {"content": (" " + text) if leading_space else text}}
+        if msgtype == "picture":
+            return {"content": {"downloadCode": code(), "pictureDownloadCode": code()}}
+        if msgtype == "richText":
+            picture = {"type": "picture", "downloadCode": code(), "pictureDownloadCode": code()}
+            return {"content": {"richText": [{"text": text}, picture]}}
+        if msgtype == "audio":
+            return {"content": {"downloadCode": code(), "recognition": text, "duration": 3000}}
+        if msgtype == "video":
+            return {"content": {"downloadCode": code(), "videoType": "mp4", "duration": "5"}}
+        if msgtype == "file":
+            return {
+                "content": {
+                    "downloadCode": code(),
+                    "fileName": text or "文件.txt",
+                    "fileId": secrets.token_hex(8),
+                    "spaceId": str(secrets.randbelow(10**10)),
+                }
+            }
+        return {"content": {"unknownMsgType": _UNKNOWN_TEXT}, "ai_robot_sessionid": code()}
+
+    def _frame(self, conn: _Connection, kind: str, topic: str, message_id: str, data: str) -> str:
+        """Return a downstream frame (§1.3): every header a string, ``data`` a JSON string."""
+        headers = {
+            "appId": self._app_id,
+            "connectionId": conn.id,
+            "contentType": "application/json",
+            "messageId": message_id,
+            "time": str(int(self._clock() * 1000)),
+            "topic": topic,
+        }
+        frame = {"specVersion": "1.0", "type": kind, "headers": headers, "data": data}
+        return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+
+    def _system_frame(self, conn: _Connection, topic: str, data: dict[str, str]) -> str:
+        message_id = f"sys-{topic}-{uuid.uuid4()}"
+        return self._frame(conn, "SYSTEM", topic, message_id, json.dumps(data))
+
+    # ------------------------------------------------------------------ delivery
+
+    def _silenced(self) -> bool:
+        return asyncio.get_running_loop().time() < self._silent_until
+
+    def _refusing(self) -> bool:
+        return asyncio.get_running_loop().time() < self._refuse_until
+
+    def _pick(self) -> _Connection | None:
+        """Return the next usable subscribed connection (round-robin), if any."""
+        if self._silenced():
+            return None
+        live = [c for c in self._conns.values() if c.wants_bot and not c.draining]
+        live = [c for c in live if not c.ws.closed]
+        if not live:
+            return None
+        self._rr += 1
+        return live[self._rr % len(live)]
+
+    def _kick(self) -> None:
+        """Start flushing the queue if it has messages and nothing flushes it yet."""
+        if self._closed or not self._pending:
+            return
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = self._spawn(self._flush())
+
+    async def _flush(self) -> None:
+        while self._pending:
+            conn = self._pick()
+            if conn is None:
+                return
+            rec = self._pending.popleft()
+            if not await self._push(conn, rec):
+                self._pending.appendleft(rec)
+
+    async def _push(self, conn: _Connection, rec: _Inbound) -> bool:
+        """Send one bot message on ``conn``; track it for redelivery before the await."""
+        frame = self._frame(conn, "CALLBACK", BOT_MESSAGE_TOPIC, rec.message_id, rec.data)
+        tracked = self._redeliver_after_s is not None
+        if tracked:
+            self._inflight.pop(rec.message_id, None)
+            self._inflight[rec.message_id] = (rec, asyncio.get_running_loop().time())
+        if await self._send(conn, frame):
+            return True
+        if tracked:
+            self._inflight.pop(rec.message_id, None)
+        return False
+
+    async def _send(self, conn: _Connection, text: str) -> bool:
+        if conn.ws.closed:
+            conn.draining = True
+            return False
+        try:
+            await conn.ws.send_str(text)
+        except (ConnectionError, RuntimeError):
+            conn.draining = True
+            return False
+        return True
+
+    async def _redeliver_loop(self, after_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        interval = min(max(after_s / 4, 0.01), 1.0)
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            due: list[_Inbound] = []
+            while self._inflight:
+                message_id, (rec, sent_at) = next(iter(self._inflight.items()))
+                if sent_at + after_s > now:
+                    break
+                del self._inflight[message_id]
+                if message_id not in self.acks:
+                    due.append(rec)
+            if due:
+                self.redeliveries += len(due)
+                self._pending.extend(due)
+                self._kick()
+
+    async def _ping_loop(self, conn: _Connection) -> None:
+        while True:
+            await asyncio.sleep(self._ping_interval_s)
+            if conn.draining or conn.ws.closed:
+                return
+            if self._silenced():
+                continue
+            frame = self._system_frame(conn, "ping", {"opaque": str(uuid.uuid4())})
+            if not await self._send(conn, frame):
+                return
+
+    async def _close_later(self, conn: _Connection) -> None:
+        await asyncio.sleep(self._disconnect_close_after_s)
+        await self._close_connection(conn, WSCloseCode.OK, grace_s=2.0)
+
+    @staticmethod
+    async def _close_connection(conn: _Connection, code: int, *, grace_s: float) -> None:
+        """Close with a close frame; abort the transport if the peer does not answer in time."""
+        conn.draining = True
+        try:
+            await asyncio.wait_for(conn.ws.close(code=code, message=b"connection closed"), grace_s)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            if conn.transport is not None:
+                conn.transport.abort()
+
+    def _on_client_text(self, raw: str) -> None:
+        """Record an ACK frame by its ``headers.messageId``; count anything else as bad."""
+        try:
+            frame = json.loads(raw)
+        except ValueError:
+            self.bad_frames += 1
+            return
+        headers = frame.get("headers") if isinstance(frame, dict) else None
+        message_id = headers.get("messageId") if isinstance(headers, dict) else None
+        if not isinstance(message_id, str):
+            self.bad_frames += 1
+            return
+        self.acks[message_id] = frame
+        self._inflight.pop(message_id, None)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("dingtalk simulator task failed", exc_info=task.exception())
+
+    # ------------------------------------------------------------------ HTTP handlers
+
+    async def _handle_open(self, request: web.Request) -> web.Response:
+        body = await read_json_object(request)
+        if body is None:
+            return _api_error(400, "invalidParameter", "body must be a json object")
+        self.open_calls.append({k: v for k, v in body.items() if k != "clientSecret"})
+        if self._refusing() or self._closed:
+            return _api_error(503, "ServiceUnavailable", "service unavailable, retry later")
+        client_id, client_secret = body.get("clientId"), body.get("clientSecret")
+        if not (
+            isinstance(client_id, str)
+            and isinstance(client_secret, str)
+            and secrets.compare_digest(client_id.encode(), self._app_key.encode())
+            and secrets.compare_digest(client_secret.encode(), self._app_secret.encode())
+        ):
+            return _bad_credentials()
+        subscriptions = body.get("subscriptions")
+        if not isinstance(subscriptions, list) or not all(
+            isinstance(s, dict) and _is_str(s.get("type")) and _is_str(s.get("topic"))
+            for s in subscriptions
+        ):
+            return _api_error(400, "invalidParameter", "subscriptions must be [{type, topic}]")
+        now = self._clock()
+        for key in [k for k, t in self._tickets.items() if t.expires_at < now]:
+            del self._tickets[key]
+        ticket = str(uuid.uuid4())
+        subs = [{"type": s["type"], "topic": s["topic"]} for s in subscriptions]
+        self._tickets[ticket] = _Ticket(now + _TICKET_TTL_S, subs)
+        if self._public_url:
+            base = self._public_url.replace("http", "ws", 1)
+        else:
+            base = f"ws://{request.host}" if request.host else self.base_url.replace("http", "ws")
+        return json_response({"endpoint": f"{base}/connect", "ticket": ticket})
+
+    async def _handle_connect(self, request: web.Request) -> web.StreamResponse:
+        if self._refusing() or self._closed:
+            return _api_error(503, "ServiceUnavailable", "service unavailable, retry later")
+        ws = web.WebSocketResponse(autoping=False, compress=False, timeout=1.0)
+        if not ws.can_prepare(request).ok:
+            return _api_error(400, "invalidParameter", "websocket upgrade required")
+        ticket = self._tickets.pop(request.query.get("ticket", ""), None)
+        if ticket is None or ticket.expires_at < self._clock():
+            return _api_error(401, "invalidTicket", "ticket is invalid, used or expired")
+        transport = request.transport
+        await ws.prepare(request)
+        wants_bot = {"type": "CALLBACK", "topic": BOT_MESSAGE_TOPIC} in ticket.subscriptions
+        conn = _Connection(str(uuid.uuid4()), ws, transport, ticket.subscriptions, wants_bot)
+        self._conns[conn.id] = conn
+        self.connections_opened += 1
+        conn.ping_task = self._spawn(self._ping_loop(conn))
+        logger.debug("dingtalk simulator connection %s opened", conn.id)
+        self._kick()
+        try:
+            async for msg in ws:
+                if self._silenced():
+                    continue
+                if msg.type is WSMsgType.TEXT:
+                    self._on_client_text(msg.data)
+                elif msg.type is WSMsgType.PING:
+                    with contextlib.suppress(ConnectionError, RuntimeError):
+                        await ws.pong(msg.data)
+                elif msg.type is WSMsgType.BINARY:
+                    self.bad_frames += 1
+        finally:
+            conn.draining = True
+            self._conns.pop(conn.id, None)
+            if conn.ping_task is not None:
+                conn.ping_task.cancel()
+            logger.debug("dingtalk simulator connection %s closed", conn.id)
+        return ws
+
+    async def _handle_token(self, request: web.Request) -> web.Response:
+        body = await read_json_object(request) or {}
+        key, secret = body.get("appKey"), body.get("appSecret")
+        if not (
+            isinstance(key, str)
+            and isinstance(secret, str)
+            and secrets.compare_digest(key.encode(), self._app_key.encode())
+            and secrets.compare_digest(secret.encode(), self._app_secret.encode())
+        ):
+            return _bad_credentials()
+        now = self._clock()
+        if self._token is None or self._token[1] <= now:
+            self._token = ("tok-" + secrets.token_hex(16), now + _TOKEN_TTL_S)
+        else:
+            self._token = (self._token[0], now + _TOKEN_TTL_S)
+        return json_response({"accessToken": self._token[0], "expireIn": int(_TOKEN_TTL_S)})
+
+    async def _handle_send_by_session(self, request: web.Request) -> web.Response:
+        if request.content_type != "application/json":
+            return _errcode(43004, "无效的HTTP HEADER Content-Type")
+        session = self._sessions.get(request.query.get("session", ""))
+        if session is None or session.expires_ms < int(self._clock() * 1000):
+            return _errcode(300001, "session 不存在")
+        if asyncio.get_running_loop().time() < self._throttle_until:
+            return _errcode(130101, "send too fast, exceed 20 times per minute")
+        body = await read_json_object(request)
+        if body is None:
+            return _errcode(40035, "缺少参数 json")
+        msgtype = body.get("msgtype")
+        if not isinstance(msgtype, str) or msgtype not in REPLY_MSGTYPES:
+            return _errcode(400105, "不支持的消息类型")
+        problem = _check_reply(msgtype, body)
+        if problem is not None:
+            return _errcode(40035, f"缺少参数 {problem}")
+        self._reply_seq += 1
+        self._replies.append(
+            {
+                "seq": self._reply_seq,
+                "msg_id": session.msg_id,
+                "conversation_id": session.conversation_id,
+                "msgtype": msgtype,
+                "body": body,
+                "received_at": self._clock(),
+            }
+        )
+        return _errcode(0, "ok")
+
+    async def _handle_index(self, request: web.Request) -> web.Response:
+        config = {
+            "users": [{"id": uid, "nick": nick} for uid, nick in PRESET_USERS],
+            "groups": [{"id": gid, "title": title} for gid, title in PRESET_GROUPS],
+        }
+        return web.Response(text=render_page(config), content_type="text/html", charset="utf-8")
+
+    async def _handle_post_message(self, request: web.Request) -> web.Response:
+        body = await read_json_object(request)
+        if body is None:
+            return json_response({"error": "body must be a json object"}, status=400)
+        unknown = sorted(set(body) - _MESSAGE_KEYS)
+        if unknown:
+            return json_response({"error": f"unknown keys: {', '.join(unknown)}"}, status=400)
+        kwargs = {k: v for k, v in body.items() if k != "text" and v is not None}
+        try:
+            ids = await self.send_message(body.get("text", ""), **kwargs)
+        except (ValueError, TypeError) as exc:
+            return json_response({"error": str(exc)}, status=400)
+        return json_response(ids)
+
+    @staticmethod
+    def _after(request: web.Request) -> int:
+        raw = request.query.get("after", "0")
+        if not raw.isdigit():
+            raise web.HTTPBadRequest(
+                text='{"error": "after must be a non-negative integer"}',
+                content_type="application/json",
+            )
+        return int(raw)
+
+    async def _handle_get_messages(self, request: web.Request) -> web.Response:
+        after = self._after(request)
+        cid = request.query.get("conversation_id")
+        found = [
+            dict(m)
+            for m in self._messages
+            if m["seq"] > after and (cid is None or m["conversation_id"] == cid)
+        ]
+        return json_response({"messages": found})
+
+    async def _handle_get_replies(self, request: web.Request) -> web.Response:
+        after = self._after(request)
+        msg_id = request.query.get("msg_id")
+        cid = request.query.get("conversation_id")
+        found = [
+            r
+            for r in self.replies(msg_id)
+            if r["seq"] > after and (cid is None or r["conversation_id"] == cid)
+        ]
+        return json_response({"replies": found})
+
+    async def _handle_faults(self, request: web.Request) -> web.Response:
+        body = await read_json_object(request)
+        if body is None:
+            return json_response({"error": "body must be a json object"}, status=400)
+        try:
+            await self.fault(body)
+        except ValueError as exc:
+            return json_response({"error": str(exc)}, status=400)
+        return json_response({"ok": True, "applied": sorted(body)})
+
+    async def _handle_state(self, request: web.Request) -> web.Response:
+        return json_response(self.state())
+
+
+_MESSAGE_KEYS: Final = frozenset(inspect.signature(DingTalkSimulator.send_message).parameters) - {
+    "self"
+}
+
+
+async def serve(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    app_key: str = "sim-app-key",
+    app_secret: str = "sim-app-secret",
+    ping_interval_s: float = 20.0,
+    *,
+    redeliver_after_s: float | None = None,
+    disconnect_close_after_s: float = 10.0,
+    public_url: str | None = None,
+    on_ready: Callable[[DingTalkSimulator], None] | None = None,
+) -> None:
+    """Run a :class:`DingTalkSimulator` until cancelled; prints nothing.
+
+    Args:
+        host: address to bind.
+        port: port to bind (0 = any free port; read it in ``on_ready``).
+        app_key: accepted clientId/appKey.
+        app_secret: accepted clientSecret/appSecret.
+        ping_interval_s: seconds between SYSTEM ping frames.
+        redeliver_after_s: redeliver un-ACKed bot messages after this many seconds.
+        disconnect_close_after_s: delay between a ``disconnect`` frame and the close.
+        public_url: base URL clients use to reach the simulator, if not loopback.
+        on_ready: called with the started simulator (e.g. to print its URL).
+    """
+    async with DingTalkSimulator(
+        host=host,
+        port=port,
+        app_key=app_key,
+        app_secret=app_secret,
+        ping_interval_s=ping_interval_s,
+        redeliver_after_s=redeliver_after_s,
+        disconnect_close_after_s=disconnect_close_after_s,
+        public_url=public_url,
+    ) as sim:
+        if on_ready is not None:
+            on_ready(sim)
+        await asyncio.Event().wait()
