@@ -1,0 +1,257 @@
+"""Wires everything into one running gateway, with one aiohttp server.
+
+Theory of operation: :meth:`Gateway.start` opens the store, builds the model backends, the
+platform connectors, the pipeline and the worker, resumes unfinished inbox messages, starts
+the HTTP server (``/healthz``, ``/readyz``, ``/metrics``) and finally starts intake.
+:meth:`Gateway.stop` runs the same steps backwards: intake stops first (no new frames are
+read; ACKs for messages already committed still go out), in-flight work drains up to
+``pipeline.drain_timeout_s``, and what is left stays in the inbox for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from imrelay.config import Settings
+from imrelay.errors import AuthError, StoreError
+from imrelay.models import build_model
+from imrelay.models.base import ModelBackend
+from imrelay.observability.metrics import Metrics
+from imrelay.pipeline.command import CommandStage
+from imrelay.pipeline.context import Stage
+from imrelay.pipeline.filter import AccessStage, DedupStage, KindStage
+from imrelay.pipeline.format import FormatStage
+from imrelay.pipeline.history import HistoryStage
+from imrelay.pipeline.model import GenerateStage
+from imrelay.pipeline.route import RouteStage
+from imrelay.pipeline.runner import Runner
+from imrelay.pipeline.send import ReplySender, SendStage
+from imrelay.platforms.base import Platform
+from imrelay.platforms.dingtalk.connector import DingTalkConnector
+from imrelay.stores import open_store
+from imrelay.stores.base import Store
+from imrelay.worker import Worker
+
+__all__ = ["Gateway", "build_platforms"]
+
+logger = logging.getLogger(__name__)
+
+_HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=10, sock_read=30)
+
+
+def build_platforms(
+    settings: Settings, http: aiohttp.ClientSession, metrics: Metrics
+) -> dict[str, Platform]:
+    """One connector per configured platform."""
+    return {
+        name: DingTalkConnector(name, conf, http, metrics)
+        for name, conf in settings.platforms.items()
+    }
+
+
+class Gateway:
+    """The running gateway. Every I/O dependency can be injected; defaults come from settings."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: CollectorRegistry | None = None,
+        store: Store | None = None,
+        models: Mapping[str, ModelBackend] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.metrics = Metrics(registry)
+        self.wall_clock = wall_clock
+        self._store = store
+        self._models = dict(models) if models is not None else None
+        self.store: Store
+        self.models: dict[str, ModelBackend] = {}
+        self.platforms: dict[str, Platform] = {}
+        self.worker: Worker
+        self.http: aiohttp.ClientSession | None = None
+        self.port = 0
+        self._web: web.AppRunner | None = None
+        self._intake: dict[str, asyncio.Task[None]] = {}
+        self.fatal: asyncio.Future[BaseException] | None = None
+        self._stopped = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Build and start everything (see the module docstring)."""
+        s = self.settings
+        self.fatal = asyncio.get_running_loop().create_future()
+        self.store = self._store or open_store(
+            s.storage.url,
+            commit_interval_ms=s.storage.commit_interval_ms,
+            dedup_ttl_s=s.storage.dedup_ttl_s,
+        )
+        await self.store.open()
+        self.http = aiohttp.ClientSession(timeout=_HTTP_TIMEOUT)
+        self.models = self._models or {name: build_model(name, m) for name, m in s.models.items()}
+        self.platforms = build_platforms(s, self.http, self.metrics)
+        self.worker = self._build_worker()
+        await self.worker.resume()
+        await self._start_web()
+        for name, platform in self.platforms.items():
+            task = asyncio.create_task(platform.run(self.worker), name=f"intake:{name}")
+            task.add_done_callback(self._intake_ended)
+            self._intake[name] = task
+        logger.info(
+            "gateway started: %d platform(s), %d model(s), http on %s:%d",
+            len(self.platforms),
+            len(self.models),
+            s.server.host,
+            self.port,
+        )
+
+    def _build_worker(self) -> Worker:
+        s = self.settings
+        dedup = DedupStage(self.store)
+        sender = ReplySender(self.platforms, self.store, self.metrics, clock=self.wall_clock)
+        stages: list[Stage] = [
+            dedup,
+            AccessStage(group_require_mention=s.pipeline.group_require_mention),
+            KindStage(unsupported_notice=s.pipeline.unsupported_notice),
+            CommandStage(
+                self.store,
+                scope=s.context.scope,
+                help_text=s.pipeline.help_text,
+                reset_notice=s.pipeline.reset_notice,
+            ),
+            HistoryStage(
+                self.store,
+                scope=s.context.scope,
+                max_turns=s.context.max_turns,
+                max_tokens=s.context.max_tokens,
+                ttl_s=s.context.ttl_s,
+                clock=self.wall_clock,
+            ),
+            RouteStage(default=s.routing.default, by_kind=dict(s.routing.by_kind.items())),
+            GenerateStage(
+                self.models,
+                system_prompts={name: m.system_prompt for name, m in s.models.items()},
+                metrics=self.metrics,
+                failure_notice=s.pipeline.failure_notice,
+            ),
+            FormatStage(
+                markdown={
+                    name: getattr(p, "reply_format", "markdown") == "markdown"
+                    for name, p in s.platforms.items()
+                }
+            ),
+            SendStage(sender, self.store, keep_turns=s.context.max_turns, clock=self.wall_clock),
+        ]
+        runner = Runner(
+            stages,
+            sender=sender,
+            inbox=self.store,
+            metrics=self.metrics,
+            dedup=dedup,
+            failure_notice=s.pipeline.failure_notice,
+            include_text=s.logging.include_text,
+            wall_clock=self.wall_clock,
+        )
+        return Worker(
+            self.store,
+            runner,
+            self.metrics,
+            max_concurrency=s.pipeline.max_concurrency,
+            max_pending=s.pipeline.max_pending,
+        )
+
+    def _intake_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        if isinstance(exc, AuthError):
+            logger.error("%s: credentials refused by the platform: %s", task.get_name(), exc)
+        else:
+            logger.error("%s stopped: %r", task.get_name(), exc, exc_info=exc)
+        if self.fatal is not None and not self.fatal.done():
+            self.fatal.set_result(exc)
+
+    async def stop(self) -> bool:
+        """Stop intake, drain, close. Returns True if every in-flight message finished."""
+        if self._stopped:
+            return True
+        self._stopped = True
+        for task in self._intake.values():
+            task.cancel()
+        for task in self._intake.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for platform in self.platforms.values():
+            await platform.aclose()
+        drained = True
+        if hasattr(self, "worker"):
+            drained = await self.worker.drain(self.settings.pipeline.drain_timeout_s)
+        if self._web is not None:
+            await self._web.cleanup()
+        for model in self.models.values():
+            with contextlib.suppress(Exception):
+                await model.aclose()
+        if self.http is not None:
+            await self.http.close()
+        if hasattr(self, "store"):
+            await self.store.aclose()
+        logger.info("gateway stopped%s", "" if drained else " (unfinished work left in the inbox)")
+        return drained
+
+    # -- HTTP surface ----------------------------------------------------------------------
+
+    async def _start_web(self) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        self._web = web.AppRunner(app, access_log=None)
+        await self._web.setup()
+        site = web.TCPSite(self._web, self.settings.server.host, self.settings.server.port)
+        await site.start()
+        address: Any = self._web.addresses[0]
+        self.port = int(address[1])
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readiness(self) -> list[str]:
+        """Reasons the gateway is not ready; empty when it is."""
+        reasons = [
+            f"platform {name}: {p.not_ready_reason or 'not ready'}"
+            for name, p in self.platforms.items()
+            if not p.ready
+        ]
+        try:
+            await self.store.ping()
+        except StoreError as exc:
+            reasons.append(f"store: {exc}")
+        return reasons
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        reasons = await self.readiness()
+        if reasons:
+            return web.json_response(
+                {"status": "unavailable", "reasons": reasons},
+                status=503,
+                dumps=lambda o: json.dumps(o, ensure_ascii=False),
+            )
+        return web.json_response({"status": "ok"})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body, content_type = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})

@@ -1,0 +1,267 @@
+"""The ``imrelay`` command: parse arguments, configure logging, build the app, run it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from imrelay import __version__
+from imrelay.cli.demo import run_demo
+from imrelay.config import Settings, format_config_error, load_settings
+from imrelay.errors import ConfigError, IMRelayError
+from imrelay.observability.logging import configure_logging
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="imrelay",
+    help="A gateway between private AI models and enterprise IM platforms.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+sim_app = typer.Typer(help="Run a platform or model simulator (no accounts, no GPU).")
+app.add_typer(sim_app, name="sim")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "-c",
+        "--config",
+        help="Configuration file (default: $IMRELAY_CONFIG, ./imrelay.yaml, "
+        "~/.bot_config/config.json).",
+        show_default=False,
+    ),
+]
+LogFormat = Literal["ecs", "text"]
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def _load(config: Path | None) -> Settings:
+    """Load settings or exit 2 with one line per problem."""
+    try:
+        settings, _ = load_settings(config)
+    except ConfigError as exc:
+        _err(format_config_error(exc))
+        raise typer.Exit(2) from None
+    return settings
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Every secret value in ``settings``, for log masking."""
+    values: list[str] = []
+    for platform in settings.platforms.values():
+        values.append(platform.app_secret.get_secret_value())
+    for model in settings.models.values():
+        key = getattr(model, "api_key", None)
+        if key is not None:
+            values.append(key.get_secret_value())
+    return [v for v in values if v]
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    print(f"imrelay {__version__}")
+
+
+@app.command()
+def run(
+    config: ConfigOption = None,
+    log_format: Annotated[
+        str | None, typer.Option(help="ecs (JSON, default) or text.", show_default=False)
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR.", show_default=False)
+    ] = None,
+) -> None:
+    """Run the gateway until SIGTERM or Ctrl-C."""
+    settings = _load(config)
+    fmt = log_format or settings.logging.format
+    level = (log_level or settings.logging.level).upper()
+    if fmt not in ("ecs", "text"):
+        _err(f"config error: --log-format: expected ecs or text, got {fmt!r}")
+        raise typer.Exit(2)
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        _err(f"config error: --log-level: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
+        raise typer.Exit(2)
+    configure_logging(fmt=fmt, level=level, secrets=secrets_of(settings))  # type: ignore[arg-type]
+    raise typer.Exit(asyncio.run(_serve(settings)))
+
+
+async def _serve(settings: Settings) -> int:
+    import logging
+
+    from imrelay.app import Gateway  # imported late: `imrelay --help` stays fast
+
+    log = logging.getLogger("imrelay.cli")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    gateway = Gateway(settings)
+    code = 0
+    try:
+        await gateway.start()
+    except ConfigError as exc:
+        _err(format_config_error(exc))
+        await gateway.stop()
+        return 2
+    except (IMRelayError, OSError) as exc:
+        log.error("gateway could not start: %s", exc)
+        await gateway.stop()
+        return 1
+    fatal = gateway.fatal
+    assert fatal is not None
+    stopper: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
+    waiters: set[asyncio.Future[object]] = {stopper, fatal}  # type: ignore[arg-type]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    if fatal.done():
+        code = 1
+    stopper.cancel()
+    log.info("stopping: intake closed, draining in-flight messages")
+    await gateway.stop()
+    return code
+
+
+@app.command()
+def check(config: ConfigOption = None) -> None:
+    """Validate the configuration, then probe every model endpoint and platform credential."""
+    settings = _load(config)
+    configure_logging(fmt="text", level="ERROR", secrets=secrets_of(settings))
+    rows = asyncio.run(_probe_all(settings))
+    table = Table(title="imrelay check")
+    table.add_column("what")
+    table.add_column("name")
+    table.add_column("result")
+    table.add_column("detail", overflow="fold")
+    table.add_row("config", "-", "[green]ok[/green]", "valid")
+    ok = True
+    for what, name, passed, detail in rows:
+        ok = ok and passed
+        result = "[green]ok[/green]" if passed else "[red]failed[/red]"
+        table.add_row(what, name, result, detail)
+    Console(soft_wrap=True).print(table)
+    raise typer.Exit(0 if ok else 1)
+
+
+async def _probe_all(settings: Settings) -> list[tuple[str, str, bool, str]]:
+    import aiohttp
+
+    from imrelay.app import build_platforms
+    from imrelay.models import build_model
+    from imrelay.observability.metrics import Metrics
+
+    rows: list[tuple[str, str, bool, str]] = []
+    for name, conf in settings.models.items():
+        backend = build_model(name, conf)
+        try:
+            rows.append(("model", name, True, await backend.probe()))
+        except Exception as exc:
+            rows.append(("model", name, False, str(exc) or type(exc).__name__))
+        finally:
+            await backend.aclose()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+        try:
+            platforms = build_platforms(settings, http, Metrics(process=False))
+        except ConfigError as exc:
+            return [*rows, ("platform", exc.key, False, str(exc))]
+        for name, platform in platforms.items():
+            try:
+                rows.append(("platform", name, True, await platform.probe()))
+            except Exception as exc:
+                rows.append(("platform", name, False, str(exc) or type(exc).__name__))
+    return rows
+
+
+@sim_app.command("dingtalk")
+def sim_dingtalk(
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8765,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    app_key: Annotated[str, typer.Option(help="The app key clients must present.")] = (
+        "sim-app-key"
+    ),
+    app_secret: Annotated[str, typer.Option(help="The app secret clients must present.")] = (
+        "sim-app-secret"
+    ),
+    ping_interval: Annotated[
+        float, typer.Option(help="Seconds between SYSTEM ping frames.")
+    ] = 20.0,
+) -> None:
+    """Run the DingTalk simulator: Stream gateway, sessionWebhook, token, web chat page."""
+    from imrelay.sim.dingtalk import DingTalkSimulator
+
+    async def main() -> None:
+        sim = DingTalkSimulator(
+            host=host,
+            port=port,
+            app_key=app_key,
+            app_secret=app_secret,
+            ping_interval_s=ping_interval,
+        )
+        async with sim:
+            print(f"DingTalk simulator on {sim.base_url} (web chat: {sim.base_url}/)", flush=True)
+            await _until_signal()
+
+    asyncio.run(main())
+
+
+@sim_app.command("model")
+def sim_model(
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    latency_ms: Annotated[float, typer.Option(help="Delay before the first token.")] = 0.0,
+    tokens_per_s: Annotated[
+        float | None, typer.Option(help="Stream word by word at this rate.")
+    ] = None,
+    error_rate: Annotated[float, typer.Option(help="Share of requests answered 500.")] = 0.0,
+) -> None:
+    """Run the OpenAI-compatible model simulator (answers with what it was sent)."""
+    from imrelay.sim.model import ModelSimulator
+
+    async def main() -> None:
+        sim = ModelSimulator(
+            host=host,
+            port=port,
+            latency_ms=latency_ms,
+            tokens_per_s=tokens_per_s,
+            error_rate=error_rate,
+        )
+        async with sim:
+            print(f"model simulator on {sim.base_url}", flush=True)
+            await _until_signal()
+
+    asyncio.run(main())
+
+
+@app.command()
+def demo(
+    port: Annotated[int, typer.Option(help="Port of the web chat page.")] = 8765,
+) -> None:
+    """Start the DingTalk simulator, the model simulator and the gateway; open the chat page."""
+    raise typer.Exit(run_demo(port=port))
+
+
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def main() -> None:
+    """Entry point of the ``imrelay`` command."""
+    with contextlib.suppress(KeyboardInterrupt):
+        app()

@@ -1,0 +1,81 @@
+"""Stages that decide whether a message gets a model answer at all: dedup, access, kind."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from imrelay.pipeline.context import Drop, TurnContext
+from imrelay.stores.base import Inbox, MessageState
+
+__all__ = ["DUPLICATE", "AccessStage", "DedupStage", "KindStage"]
+
+DUPLICATE = "duplicate"
+
+
+class DedupStage:
+    """Drop a message this process already finished; otherwise claim it (``processing``).
+
+    The inbox deduplicates redeliveries durably at intake; this stage guards the worker itself
+    (a message resumed at start-up that a racing redelivery also brought in). A message it
+    drops keeps its state.
+    """
+
+    name = "dedup"
+
+    def __init__(self, inbox: Inbox, capacity: int = 65536) -> None:
+        self.inbox = inbox
+        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._capacity = capacity
+
+    def finished(self, platform: str, message_id: str) -> None:
+        """Remember that a message is done."""
+        self._seen[(platform, message_id)] = None
+        if len(self._seen) > self._capacity:
+            self._seen.popitem(last=False)
+
+    async def __call__(self, ctx: TurnContext) -> TurnContext | Drop:
+        msg = ctx.message
+        if (msg.platform, msg.message_id) in self._seen:
+            return Drop(DUPLICATE)
+        await self.inbox.set_state(msg.platform, msg.message_id, MessageState.PROCESSING)
+        return ctx
+
+
+class AccessStage:
+    """In groups, answer only when the bot is @-mentioned (configurable); ignore empty text."""
+
+    name = "access"
+
+    def __init__(self, *, group_require_mention: bool = True) -> None:
+        self.group_require_mention = group_require_mention
+
+    async def __call__(self, ctx: TurnContext) -> TurnContext | Drop:
+        msg = ctx.message
+        if (
+            msg.conversation.kind == "group"
+            and self.group_require_mention
+            and not msg.mentions_bot
+        ):
+            return Drop("not_mentioned")
+        return ctx
+
+
+class KindStage:
+    """Only text reaches a text model; other kinds get a polite notice.
+
+    A text message with no text (DingTalk sends those when the organisation's quota is used
+    up) is dropped without a notice.
+    """
+
+    name = "kind"
+
+    def __init__(self, *, unsupported_notice: str) -> None:
+        self.unsupported_notice = unsupported_notice
+
+    async def __call__(self, ctx: TurnContext) -> TurnContext | Drop:
+        msg = ctx.message
+        if msg.kind != "text":
+            return Drop("unsupported_kind", notice=self.unsupported_notice)
+        if not msg.text.strip():
+            return Drop("empty")
+        return ctx

@@ -1,0 +1,122 @@
+"""Runs the stages for one message, times each, and settles the message's final state.
+
+Theory of operation: :meth:`Runner.handle` marks the message ``processing``, runs the stages in
+order, and ends in exactly one of three ways. Every stage passed: the message is ``replied``.
+A stage returned a :class:`Drop`: its notice (if any) is sent, and the message is ``dropped``
+(or ``failed`` if the Drop says so). A stage raised: the failure is logged with its stack, the
+configured failure notice is sent if possible, and the message is ``failed``. Cancellation
+(shutdown past the drain deadline) leaves the message ``processing``, so the next start resumes
+it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from imrelay.errors import PlatformAPIError
+from imrelay.message import InboundMessage, OutboundReply
+from imrelay.observability.logging import message_logger
+from imrelay.observability.metrics import Metrics
+from imrelay.pipeline.context import Drop, Stage, TurnContext
+from imrelay.pipeline.filter import DUPLICATE, DedupStage
+from imrelay.pipeline.send import ReplySender
+from imrelay.stores.base import Inbox, MessageState
+
+__all__ = ["Runner"]
+
+logger = logging.getLogger(__name__)
+
+
+class Runner:
+    """The fixed list of stages, and what happens after them."""
+
+    def __init__(
+        self,
+        stages: Sequence[Stage],
+        *,
+        sender: ReplySender,
+        inbox: Inbox,
+        metrics: Metrics,
+        dedup: DedupStage,
+        failure_notice: str,
+        include_text: bool = False,
+        wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.stages = list(stages)
+        self.sender = sender
+        self.inbox = inbox
+        self.metrics = metrics
+        self.dedup = dedup
+        self.failure_notice = failure_notice
+        self.include_text = include_text
+        self.wall_clock = wall_clock
+        self.clock = clock
+
+    async def handle(self, message: InboundMessage, *, resumed: bool = False) -> MessageState:
+        """Process ``message`` to a final state and return it."""
+        log = message_logger(logger, platform=message.platform, message_id=message.message_id)
+        ctx = TurnContext(message=message, log=log, resumed=resumed)
+        if self.include_text and logger.isEnabledFor(logging.DEBUG):
+            log.debug("processing %s message: %s", message.kind, message.text)
+        try:
+            state = await self._run(ctx)
+        except PlatformAPIError as exc:
+            log.warning("reply could not be sent: %s", exc)
+            state = await self._settle(ctx, MessageState.FAILED, "send_failed")
+        except Exception:
+            log.exception("message processing failed")
+            await self._notify_failure(ctx)
+            state = await self._settle(ctx, MessageState.FAILED, "internal_error")
+        return state
+
+    async def _run(self, ctx: TurnContext) -> MessageState:
+        histogram = self.metrics.stage_latency
+        for stage in self.stages:
+            started = self.clock()
+            outcome = await stage(ctx)
+            histogram.labels(stage.name).observe(self.clock() - started)
+            if isinstance(outcome, Drop):
+                return await self._dropped(ctx, stage.name, outcome)
+            ctx = outcome
+        self._observe_done(ctx)
+        return await self._settle(ctx, MessageState.REPLIED, "")
+
+    async def _dropped(self, ctx: TurnContext, stage: str, drop: Drop) -> MessageState:
+        ctx.log.debug("dropped at %s: %s", stage, drop.reason)
+        if drop.reason == DUPLICATE:  # already settled by whoever handled it first
+            self.metrics.messages_duplicate.labels(ctx.message.platform).inc()
+            return MessageState.DROPPED
+        if drop.notice:
+            await self.sender.send_all(ctx, [_notice(ctx, drop.notice)])
+            self._observe_done(ctx)
+        state = MessageState.FAILED if drop.failed else MessageState.DROPPED
+        return await self._settle(ctx, state, drop.reason)
+
+    async def _notify_failure(self, ctx: TurnContext) -> None:
+        try:
+            await self.sender.send_all(ctx, [_notice(ctx, self.failure_notice)])
+        except Exception as exc:  # the failure is recorded below either way
+            ctx.log.warning("failure notice could not be sent: %s", exc)
+
+    def _observe_done(self, ctx: TurnContext) -> None:
+        msg = ctx.message
+        latency = max(self.wall_clock() - msg.received_at, 0.0)
+        self.metrics.processing_latency.labels(msg.platform).observe(latency)
+
+    async def _settle(self, ctx: TurnContext, state: MessageState, reason: str) -> MessageState:
+        msg = ctx.message
+        if state is MessageState.DROPPED:
+            self.metrics.messages_dropped.labels(msg.platform, reason).inc()
+        elif state is MessageState.FAILED:
+            self.metrics.messages_failed.labels(msg.platform, reason).inc()
+        await self.inbox.set_state(msg.platform, msg.message_id, state, reason)
+        self.dedup.finished(msg.platform, msg.message_id)
+        ctx.log.debug("message %s%s", state.value, f" ({reason})" if reason else "")
+        return state
+
+
+def _notice(ctx: TurnContext, text: str) -> OutboundReply:
+    return OutboundReply(text=text, mention_sender=ctx.message.conversation.kind == "group")

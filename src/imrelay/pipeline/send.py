@@ -1,0 +1,122 @@
+"""Sending replies exactly once, and the send stage.
+
+Theory of operation: a reply part is identified by ``(platform, message_id, part)``. Before a
+part is sent for a message that was resumed after a restart, the outbox is asked whether it was
+already accepted; after the platform accepts a part, it is recorded. Retryable platform errors
+(throttling, 5xx, network) are retried with exponential backoff within a deadline; a permanent
+error fails the message. After all parts are sent, the exchange joins the conversation's
+history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+from imrelay.errors import PlatformAPIError, RateLimited
+from imrelay.message import OutboundReply
+from imrelay.observability.metrics import Metrics
+from imrelay.pipeline.context import Drop, TurnContext
+from imrelay.platforms.base import Platform
+from imrelay.stores.base import ContextStore, ContextTurn, Outbox
+
+__all__ = ["ReplySender", "SendStage"]
+
+
+class ReplySender:
+    """Send reply parts through their platform, each at most once."""
+
+    def __init__(
+        self,
+        platforms: Mapping[str, Platform],
+        outbox: Outbox,
+        metrics: Metrics,
+        *,
+        max_attempts: int = 4,
+        backoff_s: float = 0.5,
+        deadline_s: float = 120.0,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.platforms = platforms
+        self.outbox = outbox
+        self.metrics = metrics
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self.deadline_s = deadline_s
+        self.clock = clock
+        self.sleep = sleep
+
+    async def send_all(self, ctx: TurnContext, replies: Sequence[OutboundReply]) -> None:
+        """Send every part not recorded as sent yet.
+
+        Raises:
+            PlatformAPIError: a part could not be sent (after retries, for retryable errors).
+        """
+        msg = ctx.message
+        platform = self.platforms[msg.platform]
+        for reply in replies:
+            if ctx.resumed and await self.outbox.was_sent(
+                msg.platform, msg.message_id, reply.part
+            ):
+                self.metrics.replies.labels(msg.platform, "skipped").inc()
+                continue
+            await self._send_one(ctx, platform, reply)
+            await self.outbox.record_sent(msg.platform, msg.message_id, reply.part, self.clock())
+            self.metrics.replies.labels(msg.platform, "sent").inc()
+
+    async def _send_one(self, ctx: TurnContext, platform: Platform, reply: OutboundReply) -> None:
+        deadline = self.clock() + self.deadline_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await platform.send(ctx.message, reply)
+                return
+            except PlatformAPIError as exc:
+                if not exc.retryable or attempt >= self.max_attempts:
+                    self.metrics.replies.labels(ctx.message.platform, "failed").inc()
+                    raise
+                delay = self.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random() / 2)
+                if isinstance(exc, RateLimited):
+                    delay = max(delay, exc.retry_after)
+                if self.clock() + delay > deadline:
+                    self.metrics.replies.labels(ctx.message.platform, "failed").inc()
+                    raise
+                ctx.log.info("send attempt %d failed (%s); retrying in %.2fs", attempt, exc, delay)
+                await self.sleep(delay)
+
+
+class SendStage:
+    """Send the formatted parts, then remember the exchange in the conversation's history."""
+
+    name = "send"
+
+    def __init__(
+        self,
+        sender: ReplySender,
+        history: ContextStore,
+        *,
+        keep_turns: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.sender = sender
+        self.history = history
+        self.keep_turns = keep_turns
+        self.clock = clock
+
+    async def __call__(self, ctx: TurnContext) -> TurnContext | Drop:
+        await self.sender.send_all(ctx, ctx.replies)
+        if ctx.remember and self.keep_turns > 0 and ctx.context_key:
+            now = self.clock()
+            await self.history.append(
+                ctx.context_key,
+                [
+                    ContextTurn("user", ctx.message.text, now, ctx.message.message_id),
+                    ContextTurn("assistant", ctx.answer, now, ctx.message.message_id),
+                ],
+                keep=self.keep_turns * 2,
+            )
+        return ctx

@@ -1,0 +1,70 @@
+"""What a platform connector provides, and what it is given.
+
+Theory of operation: a connector's :meth:`Platform.run` keeps its ingress alive (a long
+connection, or nothing for webhook mode, whose requests arrive through the app's HTTP server).
+For every message it builds an :class:`~imrelay.message.InboundMessage` and calls
+:meth:`Intake.offer`, which reserves the message's place in its conversation's order at once and
+returns an awaitable that resolves after the inbox commit (``True``: new, ``False``: duplicate).
+Only then does the connector ACK. Before reading the next frame it awaits
+:meth:`Intake.wait_capacity`, so a full worker stops intake (backpressure).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Literal, Protocol
+
+from imrelay.message import InboundMessage, OutboundReply
+
+__all__ = ["IngressKind", "Intake", "Platform"]
+
+IngressKind = Literal["stream", "webhook"]
+
+
+class Intake(Protocol):
+    """Where connectors hand messages over."""
+
+    def offer(self, message: InboundMessage) -> Awaitable[bool]:
+        """Reserve ``message``'s place in order and commit it; resolves to ``True`` if new."""
+        ...
+
+    async def wait_capacity(self) -> None:
+        """Return once the worker can take another message."""
+        ...
+
+
+class Platform(Protocol):
+    """One configured platform connection."""
+
+    name: str
+    ingress: IngressKind
+
+    @property
+    def ready(self) -> bool:
+        """Whether the ingress is up (for ``/readyz``)."""
+        ...
+
+    @property
+    def not_ready_reason(self) -> str:
+        """Why the ingress is not up; empty when it is."""
+        ...
+
+    async def run(self, intake: Intake) -> None:
+        """Keep the ingress alive until cancelled."""
+        ...
+
+    async def send(self, message: InboundMessage, reply: OutboundReply) -> None:
+        """Send one reply part to the conversation ``message`` came from.
+
+        Raises:
+            PlatformAPIError: the platform refused it (``retryable`` says whether to retry).
+        """
+        ...
+
+    async def probe(self) -> str:
+        """Check the credentials (e.g. fetch an access token); return a short description."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close connections; stop intake."""
+        ...

@@ -1,0 +1,225 @@
+"""The worker: takes messages from the inbox and runs the pipeline for them.
+
+Theory of operation: :meth:`Worker.offer` is called by a connector in the order frames arrive.
+It appends an entry to the message's conversation queue *at once* (so order is fixed before any
+I/O), starts the inbox commit in a task, and returns a future that resolves when the commit is
+done (``True``: new, ``False``: duplicate or commit failed). One drain task per conversation
+with queued entries takes them in order: it waits for the entry's commit, then runs the pipeline
+under the global concurrency semaphore. So one conversation is strictly sequential while many
+conversations run at once.
+
+``pending`` counts entries offered and not finished. When it reaches ``max_pending``,
+:meth:`wait_capacity` blocks, and connectors stop reading (backpressure). At start-up
+:meth:`resume` queues every message the inbox still holds as ``received`` or ``processing``
+(a crash or a stop past the drain deadline cut them off), oldest first. :meth:`drain` waits for
+in-flight and queued work up to a deadline, then cancels what is left; those messages stay in
+the inbox and are resumed by the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from imrelay.message import ConversationKey, InboundMessage
+from imrelay.observability.metrics import Metrics
+from imrelay.pipeline.runner import Runner
+from imrelay.stores.base import Inbox, InboxRecord
+
+__all__ = ["Worker"]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+@dataclass(slots=True)
+class _Entry:
+    message: InboundMessage
+    committed: asyncio.Future[bool]
+    resumed: bool = False
+
+
+@dataclass(slots=True)
+class _Lane:
+    entries: deque[_Entry] = field(default_factory=deque)
+    task: asyncio.Task[None] | None = None
+
+
+class Worker:
+    """Ordered per conversation, concurrent across conversations, bounded overall."""
+
+    def __init__(
+        self,
+        inbox: Inbox,
+        runner: Runner,
+        metrics: Metrics,
+        *,
+        max_concurrency: int = 64,
+        max_pending: int = 10000,
+        on_accepted: Callable[[InboundMessage], None] | None = None,
+    ) -> None:
+        self.inbox = inbox
+        self.runner = runner
+        self.metrics = metrics
+        self.max_pending = max_pending
+        self._semaphore = asyncio.Semaphore(max_concurrency)
+        self._lanes: dict[ConversationKey, _Lane] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._pending = 0
+        self._inflight = 0
+        self._capacity = asyncio.Event()
+        self._capacity.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._on_accepted = on_accepted
+
+    @property
+    def pending(self) -> int:
+        """Messages offered or resumed and not finished."""
+        return self._pending
+
+    def offer(self, message: InboundMessage) -> asyncio.Future[bool]:
+        """Queue ``message`` in its conversation's order and commit it to the inbox."""
+        loop = asyncio.get_running_loop()
+        committed: asyncio.Future[bool] = loop.create_future()
+        self._enqueue(_Entry(message, committed))
+        _ = self._spawn(self._commit(message, committed))
+        return committed
+
+    async def wait_capacity(self) -> None:
+        """Return once fewer than ``max_pending`` messages are pending."""
+        while self._pending >= self.max_pending:
+            await self._capacity.wait()
+
+    async def resume(self) -> int:
+        """Queue every unfinished inbox message, oldest first; return how many."""
+        records: list[InboxRecord] = await self.inbox.pending()
+        loop = asyncio.get_running_loop()
+        for record in records:
+            done: asyncio.Future[bool] = loop.create_future()
+            done.set_result(True)
+            self._enqueue(_Entry(record.message, done, resumed=True))
+        if records:
+            logger.info("resuming %d unfinished messages", len(records))
+        return len(records)
+
+    async def drain(self, deadline_s: float) -> bool:
+        """Wait up to ``deadline_s`` for all pending work; cancel the rest. True if all done."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), deadline_s)
+            done = True
+        except TimeoutError:
+            done = False
+            logger.warning(
+                "drain deadline passed with %d messages unfinished; they stay in the inbox",
+                self._pending,
+            )
+        await self.aclose()
+        return done
+
+    async def aclose(self) -> None:
+        """Cancel every task the worker owns."""
+        tasks = [t for t in self._tasks if not t.done()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _enqueue(self, entry: _Entry) -> None:
+        self._pending += 1
+        self._update_gauges()
+        key = entry.message.key
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+        lane.entries.append(entry)
+        if lane.task is None:
+            lane.task = self._spawn(self._drain_lane(key, lane))
+
+    async def _commit(self, message: InboundMessage, committed: asyncio.Future[bool]) -> None:
+        try:
+            new = await self.inbox.put(message)
+        except Exception as exc:
+            logger.error(
+                "inbox commit failed; the message is not acknowledged: %s",
+                exc,
+                extra={"platform": message.platform, "message.id": message.message_id},
+            )
+            if not committed.done():
+                committed.set_exception(exc)
+            return
+        if new:
+            self.metrics.messages_received.labels(message.platform, message.kind).inc()
+            if self._on_accepted is not None:
+                self._on_accepted(message)
+        else:
+            self.metrics.messages_duplicate.labels(message.platform).inc()
+        if not committed.done():
+            committed.set_result(new)
+
+    async def _drain_lane(self, key: ConversationKey, lane: _Lane) -> None:
+        try:
+            while lane.entries:
+                entry = lane.entries[0]
+                try:
+                    try:
+                        new = await asyncio.shield(entry.committed)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:  # the commit failed: not ACKed, so redelivered later
+                        new = False
+                    if new:
+                        async with self._semaphore:
+                            self._inflight += 1
+                            self._update_gauges()
+                            try:
+                                await self.runner.handle(entry.message, resumed=entry.resumed)
+                            finally:
+                                self._inflight -= 1
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # the runner settles its own failures; this is a last resort
+                    logger.exception(
+                        "worker failed on a message",
+                        extra={
+                            "platform": entry.message.platform,
+                            "message.id": entry.message.message_id,
+                        },
+                    )
+                lane.entries.popleft()
+                self._finished()
+        finally:
+            lane.task = None
+            if not lane.entries:
+                self._lanes.pop(key, None)
+
+    def _finished(self) -> None:
+        self._pending -= 1
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        if self._pending < self.max_pending:
+            self._capacity.set()
+        else:
+            self._capacity.clear()
+        if self._pending == 0:
+            self._idle.set()
+        else:
+            self._idle.clear()
+        self.metrics.inbox_depth.set(self._pending)
+        self.metrics.inflight.set(self._inflight)
