@@ -118,6 +118,7 @@ def configure_logging(
                 # third-party chatter stays at WARNING unless we debug
                 "aiohttp.access": {"level": "WARNING"},
                 "httpx": {"level": "WARNING"},
+                "httpx2": {"level": "WARNING"},
                 "openai": {"level": "WARNING"},
             },
         }
