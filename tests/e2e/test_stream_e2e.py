@@ -286,3 +286,64 @@ async def _reopen_state(gw: Gateway, msg_id: str) -> MessageState | None:
         return None if record is None else record.state
     finally:
         await store.aclose()
+
+
+async def test_expired_session_webhook_is_not_used_and_failure_recorded(
+    model_sim: ModelSimulator, tmp_path: Path
+) -> None:
+    """A message whose sessionWebhook has expired gets no send attempt; its failure is recorded."""
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    # The simulator's clock runs two hours behind: its sessions expire 90 minutes after
+    # createAt, so by the gateway's clock every session webhook is already past its expiry
+    # (while the simulator itself would still accept it, so a send would show up).
+    async with DingTalkSimulator(clock=lambda: time.time() - 7200) as sim:
+        gw = Gateway(
+            gateway_settings(sim, model_sim, tmp_path / "exp.db"), registry=CollectorRegistry()
+        )
+        await gw.start()
+        try:
+            await wait_for(lambda: sim.active_connections() == 1)
+            ids = await sim.send_message("too late")
+            await wait_for(lambda: _state(gw, ids["msg_id"], MessageState.FAILED))
+            record = await gw.store.get("dingtalk", ids["msg_id"])
+            assert record is not None
+            assert record.reason == "send_failed"
+            assert sim.replies(ids["msg_id"]) == []
+            text = (await _metrics(gw)).decode()
+            assert 'imrelay_replies_total{outcome="failed",platform="dingtalk"} 1.0' in text
+        finally:
+            await gw.stop()
+
+
+async def test_reply_recorded_as_sent_is_not_sent_again_after_restart(
+    gateway_factory: GatewayFactory,
+    dingtalk_sim: DingTalkSimulator,
+    model_sim: ModelSimulator,
+    tmp_path: Path,
+) -> None:
+    """A resumed message whose reply was recorded as sent before a crash is not sent twice."""
+    from imrelay.stores import open_store
+
+    # First life: a message arrives and is answered normally.
+    gw = await gateway_factory()
+    await wait_for(lambda: dingtalk_sim.active_connections() >= 1)
+    ids = await dingtalk_sim.send_message("answer me once")
+    await replies_for(dingtalk_sim, ids["msg_id"])
+    await wait_for(lambda: _state(gw, ids["msg_id"], MessageState.REPLIED))
+    await gw.stop()
+    # Simulate a crash after the reply was accepted and recorded, before the final state was:
+    # the message is back in `processing`.
+    store = open_store(gw.settings.storage.url)
+    await store.open()
+    await store.set_state("dingtalk", ids["msg_id"], MessageState.PROCESSING)
+    assert await store.was_sent("dingtalk", ids["msg_id"], 0)
+    await store.aclose()
+    # Second life: the message is resumed, processed again, and its reply is skipped.
+    gw2 = await gateway_factory()
+    await wait_for(lambda: _state(gw2, ids["msg_id"], MessageState.REPLIED))
+    assert len(dingtalk_sim.replies(ids["msg_id"])) == 1
+    text = (await _metrics(gw2)).decode()
+    assert 'imrelay_replies_total{outcome="skipped",platform="dingtalk"} 1.0' in text

@@ -1,1 +1,5 @@
-"""cli."""
+"""The ``imrelay`` command line."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

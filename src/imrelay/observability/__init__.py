@@ -1,1 +1,5 @@
-"""observability."""
+"""Observability: Prometheus metrics and ECS logging."""
+
+from __future__ import annotations
+
+__all__: list[str] = []
