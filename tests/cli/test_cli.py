@@ -205,3 +205,18 @@ async def test_demo_runs_answers_and_stops_cleanly(tmp_path: Path) -> None:
             proc.kill()
             await proc.wait()
     assert proc.returncode == 0
+
+
+async def test_run_with_refused_credentials_exits_1_without_the_secret(
+    dingtalk_sim: DingTalkSimulator, model_sim: ModelSimulator, tmp_path: Path
+) -> None:
+    """Credentials refused on the first connection stop `imrelay run` with status 1."""
+    data = sim_config(dingtalk_sim, model_sim, tmp_path)
+    secret = "not-the-secret-93c1"
+    data["platforms"]["dingtalk"]["app_secret"] = secret
+    path = write_config(tmp_path / "c.json", data)
+    code, out, err = await run_cli("run", "-c", str(path), "--log-format", "text")
+    assert code == 1
+    assert "credentials refused" in err
+    assert "Traceback" not in err
+    assert secret not in out + err
