@@ -1,12 +1,14 @@
 """The worker: takes messages from the inbox and runs the pipeline for them.
 
 Theory of operation: :meth:`Worker.offer` is called by a connector in the order frames arrive.
-It appends an entry to the message's conversation queue *at once* (so order is fixed before any
-I/O), starts the inbox commit in a task, and returns a future that resolves when the commit is
-done (``True``: new, ``False``: duplicate or commit failed). One drain task per conversation
-with queued entries takes them in order: it waits for the entry's commit, then runs the pipeline
-under the global concurrency semaphore. So one conversation is strictly sequential while many
-conversations run at once.
+It starts the inbox commit in a task, appends an entry holding that task to the message's
+conversation queue *at once* (so order is fixed before any I/O), and returns a separate future
+for the caller that resolves when the commit is done (``True``: new, ``False``: duplicate; the
+commit's exception if it failed). The caller may stop waiting (cancel its future) without
+affecting the worker, which only ever waits on its own commit task. One drain task per
+conversation with queued entries takes them in order: it waits for the entry's commit, then runs
+the pipeline under the global concurrency semaphore. So one conversation is strictly sequential
+while many conversations run at once.
 
 ``pending`` counts entries offered and not finished. When it reaches ``max_pending``,
 :meth:`wait_capacity` blocks, and connectors stop reading (backpressure). At start-up
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -41,7 +44,7 @@ _T = TypeVar("_T")
 @dataclass(slots=True)
 class _Entry:
     message: InboundMessage
-    committed: asyncio.Future[bool]
+    committed: asyncio.Future[bool]  # the worker's own commit task (resolved for resumed ones)
     resumed: bool = False
 
 
@@ -85,12 +88,19 @@ class Worker:
         return self._pending
 
     def offer(self, message: InboundMessage) -> asyncio.Future[bool]:
-        """Queue ``message`` in its conversation's order and commit it to the inbox."""
+        """Queue ``message`` in its conversation's order and commit it to the inbox.
+
+        Returns:
+            A future for the caller: ``True`` once committed, ``False`` for a duplicate; it
+            raises the commit's error if the commit failed, and is cancelled if the worker is
+            closed first. Cancelling it does not affect the worker.
+        """
         loop = asyncio.get_running_loop()
-        committed: asyncio.Future[bool] = loop.create_future()
-        self._enqueue(_Entry(message, committed))
-        _ = self._spawn(self._commit(message, committed))
-        return committed
+        outcome: asyncio.Future[bool] = loop.create_future()
+        commit = self._spawn(self._commit(message))
+        commit.add_done_callback(functools.partial(_relay, outcome))
+        self._enqueue(_Entry(message, commit))
+        return outcome
 
     async def wait_capacity(self) -> None:
         """Return once fewer than ``max_pending`` messages are pending."""
@@ -151,7 +161,7 @@ class Worker:
         if lane.task is None:
             lane.task = self._spawn(self._drain_lane(key, lane))
 
-    async def _commit(self, message: InboundMessage, committed: asyncio.Future[bool]) -> None:
+    async def _commit(self, message: InboundMessage) -> bool:
         try:
             new = await self.inbox.put(message)
         except Exception as exc:
@@ -160,17 +170,14 @@ class Worker:
                 exc,
                 extra={"platform": message.platform, "message.id": message.message_id},
             )
-            if not committed.done():
-                committed.set_exception(exc)
-            return
+            raise
         if new:
             self.metrics.messages_received.labels(message.platform, message.kind).inc()
             if self._on_accepted is not None:
                 self._on_accepted(message)
         else:
             self.metrics.messages_duplicate.labels(message.platform).inc()
-        if not committed.done():
-            committed.set_result(new)
+        return new
 
     async def _drain_lane(self, key: ConversationKey, lane: _Lane) -> None:
         try:
@@ -191,6 +198,7 @@ class Worker:
                                 await self.runner.handle(entry.message, resumed=entry.resumed)
                             finally:
                                 self._inflight -= 1
+                                self._update_gauges()
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # the runner settles its own failures; this is a last resort
@@ -223,3 +231,17 @@ class Worker:
             self._idle.clear()
         self.metrics.inbox_depth.set(self._pending)
         self.metrics.inflight.set(self._inflight)
+
+
+def _relay(outcome: asyncio.Future[bool], commit: asyncio.Task[bool]) -> None:
+    """Pass a commit's result on to the caller's future, unless the caller stopped waiting."""
+    if commit.cancelled():
+        outcome.cancel()
+        return
+    exc = commit.exception()  # retrieved here even if nobody else looks at it
+    if outcome.done():
+        return
+    if exc is not None:
+        outcome.set_exception(exc)
+    else:
+        outcome.set_result(commit.result())

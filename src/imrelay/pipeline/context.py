@@ -49,6 +49,7 @@ class TurnContext:
     replies: list[OutboundReply] = field(default_factory=list)
     remember: bool = True  # whether the exchange goes into the conversation's history
     resumed: bool = False  # picked up again after a restart: some parts may have gone out
+    sent_parts: int = 0  # reply parts this run delivered (parts skipped as sent before: not)
 
 
 class Stage(Protocol):

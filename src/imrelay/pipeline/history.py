@@ -84,6 +84,9 @@ class HistoryStage:
         if self.max_turns == 0:
             return ctx
         turns = await self.store.load(ctx.context_key, since=self.clock() - self.ttl_s)
+        # A message resumed after a crash may already have its own exchange in the history.
+        own = ctx.message.message_id
+        turns = [t for t in turns if t.message_id != own]
         # The current message's own text is part of the budget.
         budget = self.max_tokens - estimate_tokens(ctx.message.text) - _PER_TURN_OVERHEAD
         ctx.history = trim_to_budget(turns, max(budget, 0), self.max_turns)

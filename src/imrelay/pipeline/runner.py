@@ -1,10 +1,11 @@
 """Runs the stages for one message, times each, and settles the message's final state.
 
-Theory of operation: :meth:`Runner.handle` marks the message ``processing``, runs the stages in
-order, and ends in exactly one of three ways. Every stage passed: the message is ``replied``.
+Theory of operation: :meth:`Runner.handle` runs the stages in order (the first, dedup, marks
+the message ``processing``) and ends in exactly one of three ways. Every stage passed: the message is ``replied``.
 A stage returned a :class:`Drop`: its notice (if any) is sent, and the message is ``dropped``
 (or ``failed`` if the Drop says so). A stage raised: the failure is logged with its stack, the
-configured failure notice is sent if possible, and the message is ``failed``. Cancellation
+configured failure notice is sent if possible (and if no part of an answer went out already),
+and the message is ``failed``. Cancellation
 (shutdown past the drain deadline) leaves the message ``processing``, so the next start resumes
 it.
 """
@@ -96,6 +97,8 @@ class Runner:
         return await self._settle(ctx, state, drop.reason)
 
     async def _notify_failure(self, ctx: TurnContext) -> None:
+        if ctx.sent_parts:  # the user has the answer; an apology would contradict it
+            return
         try:
             await self.sender.send_all(ctx, [_notice(ctx, self.failure_notice)])
         except Exception as exc:  # the failure is recorded below either way

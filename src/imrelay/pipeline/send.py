@@ -5,7 +5,9 @@ part is sent for a message that was resumed after a restart, the outbox is asked
 already accepted; after the platform accepts a part, it is recorded. Retryable platform errors
 (throttling, 5xx, network) are retried with exponential backoff within a deadline; a permanent
 error fails the message. After all parts are sent, the exchange joins the conversation's
-history.
+history, unless this run delivered nothing (a resumed message whose parts had all gone out
+before the restart): the answer just generated was never seen by the user, and the one that
+was seen may already be in the history.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class ReplySender:
                 self.metrics.replies.labels(msg.platform, "skipped").inc()
                 continue
             await self._send_one(ctx, platform, reply)
+            ctx.sent_parts += 1
             await self.outbox.record_sent(msg.platform, msg.message_id, reply.part, self.clock())
             self.metrics.replies.labels(msg.platform, "sent").inc()
 
@@ -109,7 +112,7 @@ class SendStage:
 
     async def __call__(self, ctx: TurnContext) -> TurnContext | Drop:
         await self.sender.send_all(ctx, ctx.replies)
-        if ctx.remember and self.keep_turns > 0 and ctx.context_key:
+        if ctx.remember and ctx.sent_parts and self.keep_turns > 0 and ctx.context_key:
             now = self.clock()
             await self.history.append(
                 ctx.context_key,
@@ -117,6 +120,6 @@ class SendStage:
                     ContextTurn("user", ctx.message.text, now, ctx.message.message_id),
                     ContextTurn("assistant", ctx.answer, now, ctx.message.message_id),
                 ],
-                keep=self.keep_turns * 2,
+                keep=self.keep_turns,
             )
         return ctx
