@@ -1,13 +1,12 @@
 """Runs the stages for one message, times each, and settles the message's final state.
 
 Theory of operation: :meth:`Runner.handle` runs the stages in order (the first, dedup, marks
-the message ``processing``) and ends in exactly one of three ways. Every stage passed: the message is ``replied``.
-A stage returned a :class:`Drop`: its notice (if any) is sent, and the message is ``dropped``
-(or ``failed`` if the Drop says so). A stage raised: the failure is logged with its stack, the
-configured failure notice is sent if possible (and if no part of an answer went out already),
-and the message is ``failed``. Cancellation
-(shutdown past the drain deadline) leaves the message ``processing``, so the next start resumes
-it.
+the message ``processing``) and ends in exactly one of three ways. Every stage passed: the
+message is ``replied``. A stage returned a :class:`Drop`: its notice (if any) is sent, and the
+message is ``dropped`` (or ``failed`` if the Drop says so). A stage raised: the failure is
+logged with its stack, the configured failure notice is sent if possible (and if no part of an
+answer went out already), and the message is ``failed``. Cancellation (shutdown past the drain
+deadline) leaves the message ``processing``, so the next start resumes it.
 """
 
 from __future__ import annotations

@@ -188,9 +188,8 @@ class DingTalkStream:
         finally:
             for task in (reader, heart):
                 task.cancel()
-            for task in (reader, heart):
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            # Not ``await task``: that would re-raise a failed reader's exception out of run().
+            await asyncio.wait((reader, heart))
         first = done.pop()
         if first.cancelled():
             return "error"
@@ -219,14 +218,16 @@ class DingTalkStream:
         while True:
             await intake.wait_capacity()
             msg = await ws.receive()
-            if msg.type is aiohttp.WSMsgType.TEXT:
+            # ``==``, not ``is``: if aiohttp's Python modules are imported twice (coverage does
+            # it for a dotted --source), its Cython reader keeps the first WSMsgType class.
+            if msg.type == aiohttp.WSMsgType.TEXT:
                 if await self._on_text(ws, msg.data, intake):
                     return "disconnect"
-            elif msg.type is aiohttp.WSMsgType.PING:
+            elif msg.type == aiohttp.WSMsgType.PING:
                 await ws.pong(msg.data)
-            elif msg.type is aiohttp.WSMsgType.PONG:
+            elif msg.type == aiohttp.WSMsgType.PONG:
                 pong.set()
-            elif msg.type is aiohttp.WSMsgType.BINARY:
+            elif msg.type == aiohttp.WSMsgType.BINARY:
                 self._reject("binary_frame", "binary frame ignored")
             elif msg.type in _CLOSED:
                 return "closed"
