@@ -58,9 +58,9 @@ import secrets
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -110,6 +110,34 @@ _TOKEN_TTL_S: Final = 7200.0
 _SESSION_TTL_MS: Final = 90 * 60 * 1000
 _UNKNOWN_TEXT: Final = "用户发送了一条消息，机器人暂不支持接收。"
 _FAULT_KEYS: Final = frozenset({"disconnect", "drop", "refuse_s", "silence_s", "throttle_s"})
+
+
+class SimExtension(Protocol):
+    """A part of the simulator kept in a module of its own (OpenAPI sends, cards, media, …).
+
+    :meth:`install` is called by :meth:`DingTalkSimulator.start` before the server binds, so the
+    extension can add routes; fault keys in :attr:`fault_keys` are handed to :meth:`fault`;
+    :meth:`state` is merged into ``GET /_sim/state``.
+    """
+
+    name: str
+    fault_keys: frozenset[str]
+
+    def install(self, sim: DingTalkSimulator, app: web.Application) -> None:
+        """Add routes and keep a reference to the simulator."""
+        ...
+
+    async def fault(self, spec: Mapping[str, Any]) -> None:
+        """Apply this extension's keys of a fault spec (validated by the extension)."""
+        ...
+
+    def state(self) -> dict[str, Any]:
+        """Counters for ``GET /_sim/state``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release anything the extension started."""
+        ...
 
 
 def _encrypted_id(kind: str, value: str) -> str:
@@ -267,6 +295,7 @@ class DingTalkSimulator:
             endpoint); default :attr:`base_url` for the webhook and the request's Host for the
             endpoint.
         max_records: how many ACKs, replies, messages and sessions are remembered.
+        extensions: extra parts (see :class:`SimExtension`); default: every part shipped.
     """
 
     def __init__(
@@ -282,6 +311,7 @@ class DingTalkSimulator:
         disconnect_close_after_s: float = 10.0,
         public_url: str | None = None,
         max_records: int = 100_000,
+        extensions: Sequence[SimExtension] | None = None,
     ) -> None:
         if ping_interval_s <= 0:
             raise ValueError("ping_interval_s must be positive")
@@ -326,6 +356,13 @@ class DingTalkSimulator:
         self._flush_task: asyncio.Task[None] | None = None
         self._redeliver_task: asyncio.Task[None] | None = None
         self._closed = False
+        self.extensions: list[SimExtension] = (
+            list(extensions) if extensions is not None else default_extensions()
+        )
+        keys = [k for ext in self.extensions for k in ext.fault_keys]
+        if len(keys) != len(set(keys)) or set(keys) & _FAULT_KEYS:
+            raise ValueError("simulator extensions declare overlapping fault keys")
+        self._fault_keys = _FAULT_KEYS | set(keys)
 
     @property
     def app_key(self) -> str:
@@ -354,6 +391,8 @@ class DingTalkSimulator:
         app.router.add_get("/_sim/replies", self._handle_get_replies)
         app.router.add_post("/_sim/faults", self._handle_faults)
         app.router.add_get("/_sim/state", self._handle_state)
+        for ext in self.extensions:
+            ext.install(self, app)
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
@@ -384,6 +423,8 @@ class DingTalkSimulator:
                 for conn in list(self._conns.values())
             )
         )
+        for ext in self.extensions:
+            await ext.aclose()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -473,9 +514,13 @@ class DingTalkSimulator:
         """
         if not spec:
             raise ValueError("fault spec must be a non-empty object")
-        unknown = sorted(set(spec) - _FAULT_KEYS)
+        unknown = sorted(set(spec) - self._fault_keys)
         if unknown:
             raise ValueError(f"unknown fault keys: {', '.join(unknown)}")
+        for ext in self.extensions:
+            mine = {k: v for k, v in spec.items() if k in ext.fault_keys}
+            if mine:
+                await ext.fault(mine)
         for key in ("disconnect", "drop"):
             if key in spec and not isinstance(spec[key], bool):
                 raise ValueError(f"{key} must be a boolean")
@@ -522,6 +567,7 @@ class DingTalkSimulator:
             "refusing": now < self._refuse_until,
             "silenced": now < self._silent_until,
             "throttled": now < self._throttle_until,
+            **{ext.name: ext.state() for ext in self.extensions},
         }
 
     # ------------------------------------------------------------------ message building
@@ -885,18 +931,69 @@ class DingTalkSimulator:
         problem = _check_reply(msgtype, body)
         if problem is not None:
             return _errcode(40035, f"缺少参数 {problem}")
-        self._reply_seq += 1
-        self._replies.append(
-            {
-                "seq": self._reply_seq,
-                "msg_id": session.msg_id,
-                "conversation_id": session.conversation_id,
-                "msgtype": msgtype,
-                "body": body,
-                "received_at": self._clock(),
-            }
-        )
+        self.record_reply(session.msg_id, session.conversation_id, msgtype, body)
         return _errcode(0, "ok")
+
+    # ------------------------------------------------------------------ for extensions
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The simulator's wall clock (epoch seconds)."""
+        return self._clock
+
+    def throttled(self) -> bool:
+        """Whether a ``throttle_s`` fault window is open."""
+        return asyncio.get_running_loop().time() < self._throttle_until
+
+    def record_reply(
+        self, msg_id: str | None, conversation_id: str, msgtype: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Record a message the bot sent (any channel), shown by the page and ``/_sim/replies``.
+
+        ``msg_id`` is the inbound message answered when the channel tells (sessionWebhook),
+        else ``None`` (OpenAPI sends name only the conversation).
+        """
+        self._reply_seq += 1
+        record = {
+            "seq": self._reply_seq,
+            "msg_id": msg_id,
+            "conversation_id": conversation_id,
+            "msgtype": msgtype,
+            "body": body,
+            "received_at": self._clock(),
+        }
+        self._replies.append(record)
+        return record
+
+    def check_token(self, request: web.Request) -> web.Response | None:
+        """``None`` if the request carries the current access token, else the error response.
+
+        Missing header → 400 ``AuthenticationFailed.MissingParameter``; a wrong or expired
+        token → 401 ``InvalidAuthentication`` (protocols/dingtalk.md §4).
+        """
+        token = request.headers.get("x-acs-dingtalk-access-token")
+        if not token:
+            return _api_error(
+                400,
+                "AuthenticationFailed.MissingParameter",
+                "缺少参数 x-acs-dingtalk-access-token",
+            )
+        current = self._token
+        if (
+            current is None
+            or current[1] <= self._clock()
+            or not secrets.compare_digest(token.encode(), current[0].encode())
+        ):
+            return _api_error(401, "InvalidAuthentication", "不合法的access_token")
+        return None
+
+    def invalidate_token(self) -> None:
+        """Forget the current access token (clients must fetch a new one)."""
+        self._token = None
+
+    def direct_conversation_id(self, sender_id: str) -> str:
+        """The conversation id of the 1:1 chat between ``sender_id`` and the bot."""
+        return self._direct_conversation_id(sender_id)
 
     async def _handle_index(self, request: web.Request) -> web.Response:
         config = {
@@ -1007,3 +1104,8 @@ async def serve(
         if on_ready is not None:
             on_ready(sim)
         await asyncio.Event().wait()
+
+
+def default_extensions() -> list[SimExtension]:
+    """Every simulator part shipped beside the core (empty until parts are added)."""
+    return []

@@ -10,7 +10,8 @@ Theory of operation (protocols/dingtalk.md §1): :meth:`DingTalkStream.run` loop
    ACKed with code 400 when it has a messageId, and logged; unknown SYSTEM topics are ignored.
    Before reading the next frame the reader waits for worker capacity (backpressure).
 3. A heartbeat sends a WebSocket ping every ``heartbeat_s`` and declares the connection dead
-   if no pong comes within ``pong_timeout_s`` (a silent, half-open connection).
+   if no pong comes within ``pong_timeout_s`` (a silent, half-open connection), unless the
+   reader is paused by backpressure: the pong is then waiting unread behind the frames.
 4. On SYSTEM ``disconnect`` the server stops pushing and closes about 10 s later. The old
    connection keeps being read (and its frames ACKed) by a lingering task while a new one is
    opened at once: make-before-break.
@@ -181,8 +182,9 @@ class DingTalkStream:
     async def _serve(self, ws: WS, intake: Intake) -> str:
         """Read and heartbeat until the connection ends; return why it ended."""
         pong = asyncio.Event()
-        reader = asyncio.ensure_future(self._read(ws, intake, pong))
-        heart = asyncio.ensure_future(self._heartbeat(ws, pong))
+        paused = asyncio.Event()  # set while the reader waits for worker capacity
+        reader = asyncio.ensure_future(self._read(ws, intake, pong, paused))
+        heart = asyncio.ensure_future(self._heartbeat(ws, pong, paused))
         try:
             done, _ = await asyncio.wait({reader, heart}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -199,7 +201,7 @@ class DingTalkStream:
             return "error"
         return first.result()
 
-    async def _heartbeat(self, ws: WS, pong: asyncio.Event) -> str:
+    async def _heartbeat(self, ws: WS, pong: asyncio.Event, paused: asyncio.Event) -> str:
         while True:
             await self.sleep(self.settings.heartbeat_s)
             pong.clear()
@@ -207,16 +209,22 @@ class DingTalkStream:
                 await ws.ping()
                 async with asyncio.timeout(self.settings.pong_timeout_s):
                     await pong.wait()
-            except (TimeoutError, ConnectionError, aiohttp.ClientError):
+            except (TimeoutError, ConnectionError, aiohttp.ClientError) as exc:
+                if isinstance(exc, TimeoutError) and paused.is_set():
+                    continue  # not read yet because of backpressure, which is not silence
                 self._log.warning(
                     "no pong within %.1fs; declaring the connection dead",
                     self.settings.pong_timeout_s,
                 )
                 return "silent"
 
-    async def _read(self, ws: WS, intake: Intake, pong: asyncio.Event) -> str:
+    async def _read(
+        self, ws: WS, intake: Intake, pong: asyncio.Event, paused: asyncio.Event
+    ) -> str:
         while True:
+            paused.set()
             await intake.wait_capacity()
+            paused.clear()
             msg = await ws.receive()
             # ``==``, not ``is``: if aiohttp's Python modules are imported twice (coverage does
             # it for a dotted --source), its Cython reader keeps the first WSMsgType class.
@@ -236,10 +244,12 @@ class DingTalkStream:
 
     async def _linger(self, ws: WS, intake: Intake) -> None:
         """Keep reading a connection that announced its end, until it closes or times out."""
-        with contextlib.suppress(TimeoutError, aiohttp.ClientError, ConnectionError):
-            async with asyncio.timeout(_LINGER_S):
-                await self._read(ws, intake, asyncio.Event())
-        await self._close(ws)
+        try:
+            with contextlib.suppress(TimeoutError, aiohttp.ClientError, ConnectionError):
+                async with asyncio.timeout(_LINGER_S):
+                    await self._read(ws, intake, asyncio.Event(), asyncio.Event())
+        finally:  # also when aclose() cancels us: the old socket must not be left open
+            await self._close(ws)
 
     async def _close(self, ws: WS) -> None:
         with contextlib.suppress(Exception):
