@@ -13,6 +13,7 @@ paths name the user's own keys and whose messages never contain a configured val
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import pathlib
@@ -37,6 +38,8 @@ from imrelay.errors import ConfigError
 
 __all__ = [
     "ContextSettings",
+    "DingTalkRateLimitSettings",
+    "DingTalkReplySettings",
     "DingTalkSettings",
     "EchoModelSettings",
     "LoggingSettings",
@@ -75,6 +78,23 @@ class StorageSettings(_Section):
     commit_interval_ms: float = Field(2.0, ge=0, le=1000)
 
 
+class DingTalkReplySettings(_Section):
+    """How answers are delivered on DingTalk."""
+
+    stream: Literal["off", "card"] = "off"
+    card_template_id: str = Field("382e4302-551d-4880-bf29-a30acfab2e71.schema", min_length=1)
+    card_update_interval_ms: float = Field(300.0, ge=50)
+    max_chars: int = Field(4000, ge=200, le=20000)
+    openapi_after_s: float = Field(600.0, ge=0)
+
+
+class DingTalkRateLimitSettings(_Section):
+    """Sending limits imrelay keeps to, below DingTalk's own."""
+
+    per_conversation_per_minute: int = Field(20, ge=1)
+    app_qps: float = Field(20.0, gt=0)
+
+
 class DingTalkSettings(_Section):
     """A DingTalk enterprise-internal app bot."""
 
@@ -92,6 +112,31 @@ class DingTalkSettings(_Section):
     backoff_max_s: float = Field(60.0, gt=0)
     healthy_after_s: float = Field(30.0, ge=0)
     http_timeout_s: float = Field(10.0, gt=0)
+    aes_key: SecretStr | None = None
+    token: SecretStr | None = None
+    allow_cidrs: list[str] = Field(default_factory=list)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    timestamp_window_s: float = Field(3600.0, gt=0)
+    media_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    reply: DingTalkReplySettings = Field(default_factory=DingTalkReplySettings)
+    rate_limit: DingTalkRateLimitSettings = Field(default_factory=DingTalkRateLimitSettings)
+
+    @field_validator("allow_cidrs")
+    @classmethod
+    def _valid_cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"not an IP network: {cidr!r}") from None
+        return value
+
+    @field_validator("aes_key")
+    @classmethod
+    def _valid_aes_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _AES_KEY.fullmatch(value.get_secret_value()):
+            raise ValueError("must be 43 letters and digits (the console's EncodingAESKey)")
+        return value
 
     @property
     def effective_robot_code(self) -> str:
@@ -100,6 +145,8 @@ class DingTalkSettings(_Section):
 
 
 PlatformSettings = DingTalkSettings
+
+_AES_KEY = re.compile(r"[A-Za-z0-9]{43}")
 
 
 class OpenAIModelSettings(_Section):

@@ -15,6 +15,8 @@ from pydantic import BaseModel
 
 from imrelay.config import (
     ContextSettings,
+    DingTalkRateLimitSettings,
+    DingTalkReplySettings,
     DingTalkSettings,
     EchoModelSettings,
     LoggingSettings,
@@ -143,6 +145,8 @@ def test_docs_configuration_lists_every_key() -> None:
         ServerSettings,
         StorageSettings,
         DingTalkSettings,
+        DingTalkReplySettings,
+        DingTalkRateLimitSettings,
         OpenAIModelSettings,
         EchoModelSettings,
         RoutingSettings,
@@ -888,3 +892,26 @@ def test_load_settings_property_any_text_parses_or_config_error(
     file.write_text(text, encoding="utf-8")
     result = outcome(lambda: load_settings(file, environ={})[0])
     assert isinstance(result, Settings | ConfigError)
+
+
+def test_parse_settings_dingtalk_webhook_keys_validated() -> None:
+    """Bad CIDRs and a malformed EncodingAESKey are named by key; good ones load."""
+    bad = minimal()
+    bad["platforms"]["dingtalk"].update(allow_cidrs=["10.0.0.0/8", "not-a-net"], aes_key="short")
+    with pytest.raises(ConfigError) as info:
+        parse_settings(bad, environ={})
+    text = format_config_error(info.value)
+    assert "platforms.dingtalk.allow_cidrs: not an IP network: 'not-a-net'" in text
+    assert "platforms.dingtalk.aes_key:" in text
+    assert "short" not in text  # the (bad) secret is not echoed
+    good = minimal()
+    good["platforms"]["dingtalk"].update(
+        allow_cidrs=["10.0.0.0/8", "::1/128"],
+        aes_key="1234567890123456789012345678901234567890123",
+        reply={"stream": "card", "max_chars": 1000},
+    )
+    settings = parse_settings(good, environ={})
+    dt = settings.platforms["dingtalk"]
+    assert dt.reply.stream == "card"
+    assert dt.reply.max_chars == 1000
+    assert dt.rate_limit.per_conversation_per_minute == 20
