@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from imrelay.message import InboundMessage, OutboundReply
 from imrelay.models.base import ChatMessage, Generation
@@ -50,6 +50,8 @@ class TurnContext:
     remember: bool = True  # whether the exchange goes into the conversation's history
     resumed: bool = False  # picked up again after a restart: some parts may have gone out
     sent_parts: int = 0  # reply parts this run delivered (parts skipped as sent before: not)
+    user_content: Any = None  # OpenAI content parts for the message (text + images); None: text
+    streamed: bool = False  # the answer was delivered while it was generated (e.g. an AI card)
 
 
 class Stage(Protocol):

@@ -14,12 +14,17 @@ __all__ = ["GenerateStage", "build_prompt"]
 
 
 def build_prompt(ctx: TurnContext, system_prompt: str | None) -> list[ChatMessage]:
-    """System prompt (if any), the kept history, then the message itself."""
+    """System prompt (if any), the kept history, then the message itself.
+
+    The message is ``ctx.user_content`` (OpenAI content parts, e.g. text and images) when a
+    stage set it, else its text.
+    """
     prompt: list[ChatMessage] = []
     if system_prompt:
         prompt.append({"role": "system", "content": system_prompt})
     prompt.extend({"role": t.role, "content": t.content} for t in ctx.history)
-    prompt.append({"role": "user", "content": ctx.message.text})
+    content = ctx.user_content if ctx.user_content is not None else ctx.message.text
+    prompt.append({"role": "user", "content": content})
     return prompt
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Literal, Protocol
 
-from imrelay.message import InboundMessage, OutboundReply
+from imrelay.message import Attachment, InboundMessage, OutboundReply
 
 __all__ = ["IngressKind", "Intake", "Platform"]
 
@@ -67,4 +67,49 @@ class Platform(Protocol):
 
     async def aclose(self) -> None:
         """Close connections; stop intake."""
+        ...
+
+
+class ReplyStream(Protocol):
+    """An answer shown while it is generated (a DingTalk AI card, a Slack message edited…).
+
+    ``update`` is called with the whole text so far after every model delta and must return
+    at once (implementations coalesce updates to respect the platform's rate limits);
+    ``finish`` shows the final text and returns once the platform accepted it; ``fail`` marks
+    the answer as failed.
+    """
+
+    async def update(self, text: str) -> None:
+        """Show ``text`` (the whole answer so far) soon."""
+        ...
+
+    async def finish(self, text: str) -> None:
+        """Show the final ``text``; raises PlatformAPIError if it could not be shown."""
+        ...
+
+    async def fail(self, notice: str) -> None:
+        """Mark the answer failed, showing ``notice``."""
+        ...
+
+
+class StreamingPlatform(Protocol):
+    """A platform that can show an answer while it is generated."""
+
+    async def open_stream(self, message: InboundMessage) -> ReplyStream | None:
+        """Start a streamed answer to ``message``; ``None`` when streaming is off or refused.
+
+        A ``None`` return means: send the answer as ordinary reply parts instead.
+        """
+        ...
+
+
+class MediaPlatform(Protocol):
+    """A platform whose messages carry downloadable media."""
+
+    async def fetch_media(self, message: InboundMessage, attachment: Attachment) -> bytes:
+        """Download one attachment of ``message``.
+
+        Raises:
+            PlatformAPIError: the download failed or exceeded the configured size cap.
+        """
         ...

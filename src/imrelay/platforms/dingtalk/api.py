@@ -23,7 +23,7 @@ import aiohttp
 
 from imrelay import __version__
 from imrelay.errors import PlatformAPIError
-from imrelay.platforms.dingtalk.errors import error_from_response
+from imrelay.platforms.dingtalk.errors import DingTalkTokenInvalid, error_from_response
 from imrelay.platforms.dingtalk.protocol import (
     DEFAULT_SUBSCRIPTIONS,
     build_open_request,
@@ -92,14 +92,26 @@ class DingTalkAPI:
 
         ``what`` names the call in errors; the URL is left out as it may hold a credential.
         """
+        return await self._request("POST", url, body, what)
+
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        body: Mapping[str, Any] | None,
+        what: str,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, bytes, dict[str, Any] | None]:
         headers = {
             "Content-Type": "application/json",
             "Accept": "application/json",
             "User-Agent": self.user_agent,
+            **(extra_headers or {}),
         }
+        data = json.dumps(body, ensure_ascii=False).encode() if body is not None else None
         try:
-            async with self._http.post(
-                url, data=json.dumps(body), headers=headers, timeout=self._timeout
+            async with self._http.request(
+                method, url, data=data, headers=headers, timeout=self._timeout
             ) as resp:
                 raw = await resp.read()
                 status = resp.status
@@ -200,6 +212,46 @@ class DingTalkAPI:
                 status=status,
             )
         return token, float(expire_in)
+
+    async def call(
+        self, method: str, path: str, body: Mapping[str, Any] | None = None, *, what: str = ""
+    ) -> dict[str, Any]:
+        """Call a token-guarded new-API endpoint and return its JSON object (§2.2, §4).
+
+        The access token goes in the ``x-acs-dingtalk-access-token`` header. When DingTalk
+        answers ``InvalidAuthentication`` (the token expired or was revoked early), the token
+        is refreshed once and the call repeated once.
+
+        Args:
+            method: ``GET``, ``POST`` or ``PUT``.
+            path: the path below ``api_base``, e.g. ``/v1.0/robot/groupMessages/send``.
+            body: the JSON body, if any.
+            what: how the call is named in errors (default: the path).
+
+        Raises:
+            AuthError: the app credentials were refused, or the token twice.
+            RateLimited: throttled (``retry_after`` says how long to wait).
+            PlatformAPIError: any other failure (``retryable`` for network errors, timeouts
+                and 5xx).
+        """
+        name = what or path
+        for attempt in (1, 2):
+            token = await self.access_token(force=attempt == 2)
+            status, _, parsed = await self._request(
+                method,
+                self.api_base + path,
+                body,
+                name,
+                {"x-acs-dingtalk-access-token": token},
+            )
+            error = error_from_response(status, parsed, platform=self.platform)
+            if error is None:
+                return parsed or {}
+            if attempt == 1 and isinstance(error, DingTalkTokenInvalid):
+                logger.info("%s: access token refused; refreshing it once", name)
+                continue
+            raise error
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def send_session_webhook(self, url: str, body: Mapping[str, Any]) -> None:
         """POST a message to a sessionWebhook (§2.1).
