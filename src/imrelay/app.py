@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from imrelay.config import Settings
 from imrelay.errors import AuthError, StoreError
-from imrelay.models import build_model
+from imrelay.models import FallbackChain, build_model
 from imrelay.models.base import ModelBackend
 from imrelay.observability.metrics import Metrics
 from imrelay.pipeline.command import CommandStage
@@ -141,7 +141,7 @@ class Gateway:
             ),
             RouteStage(default=s.routing.default, by_kind=dict(s.routing.by_kind.items())),
             GenerateStage(
-                self.models,
+                self._routed_models(),
                 system_prompts={name: m.system_prompt for name, m in s.models.items()},
                 metrics=self.metrics,
                 failure_notice=s.pipeline.failure_notice,
@@ -171,6 +171,19 @@ class Gateway:
             max_concurrency=s.pipeline.max_concurrency,
             max_pending=s.pipeline.max_pending,
         )
+
+    def _routed_models(self) -> dict[str, ModelBackend]:
+        """Each model as routing sees it: wrapped in its ``routing.fallback`` chain, if any."""
+        chains = self.settings.routing.fallback
+        return {
+            name: FallbackChain(
+                [(name, backend), *((m, self.models[m]) for m in chains[name])],
+                metrics=self.metrics,
+            )
+            if chains.get(name)
+            else backend
+            for name, backend in self.models.items()
+        }
 
     def _intake_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():

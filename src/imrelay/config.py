@@ -154,6 +154,7 @@ class OpenAIModelSettings(_Section):
 
     type: Literal["openai"]
     base_url: str = Field(min_length=1)
+    endpoints: list[str] = Field(default_factory=list)
     model: str = Field(min_length=1)
     api_key: SecretStr | None = None
     max_tokens: int = Field(2048, ge=1)
@@ -161,6 +162,16 @@ class OpenAIModelSettings(_Section):
     timeout_s: float = Field(60.0, gt=0)
     stream: bool = True
     system_prompt: str | None = None
+    retries: int = Field(2, ge=0, le=10)
+    retry_backoff_s: float = Field(0.2, ge=0)
+    first_token_timeout_s: float | None = Field(None, gt=0)
+    breaker_failures: int = Field(5, ge=1)
+    breaker_reset_s: float = Field(30.0, gt=0)
+
+    @property
+    def urls(self) -> list[str]:
+        """Every replica of this model: ``base_url`` first, then the other ``endpoints``."""
+        return [self.base_url, *(u for u in self.endpoints if u != self.base_url)]
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -187,6 +198,7 @@ class RoutingSettings(_Section):
     by_kind: dict[Literal["text", "image", "audio", "video", "file", "rich"], str] = Field(
         default_factory=dict
     )
+    fallback: dict[str, list[str]] = Field(default_factory=dict)
 
 
 class PipelineSettings(_Section):
@@ -244,6 +256,16 @@ class Settings(_Section):
         for kind, model in self.routing.by_kind.items():
             if model not in names:
                 raise ValueError(f"routing.by_kind.{kind}: unknown model {model!r}")
+        for model, chain in self.routing.fallback.items():
+            if model not in names:
+                raise ValueError(f"routing.fallback.{model}: unknown model {model!r}")
+            for member in chain:
+                if member not in names:
+                    raise ValueError(f"routing.fallback.{model}: unknown model {member!r}")
+                if member == model:
+                    raise ValueError(
+                        f"routing.fallback.{model}: a model cannot fall back to itself"
+                    )
         return self
 
 

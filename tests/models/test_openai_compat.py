@@ -13,7 +13,7 @@ from aiohttp import web
 
 from imrelay.config import OpenAIModelSettings
 from imrelay.errors import ModelError, ModelResponseError, ModelTimeout, ModelUnavailable
-from imrelay.models import OpenAICompatBackend, build_model
+from imrelay.models import ModelPool, OpenAICompatBackend, build_model
 from imrelay.models.base import ChatMessage, Generation
 from imrelay.sim.model import ModelSimulator
 
@@ -300,8 +300,21 @@ async def test_openai_backend_stops_cleanly_when_consumer_stops(
 
 
 def test_build_model_builds_openai_backend():
-    """build_model returns an OpenAICompatBackend for ``type: openai``."""
-    settings = OpenAIModelSettings(type="openai", base_url="http://127.0.0.1:9/v1", model="m")
+    """build_model returns a pool of one OpenAICompatBackend per endpoint (``type: openai``)."""
+    settings = OpenAIModelSettings(
+        type="openai",
+        base_url="http://127.0.0.1:9/v1",
+        endpoints=["http://127.0.0.1:10/v1", "http://127.0.0.1:9/v1"],
+        model="m",
+        retries=3,
+    )
     backend = build_model("big", settings)
-    assert isinstance(backend, OpenAICompatBackend)
+    assert isinstance(backend, ModelPool)
     assert backend.name == "big"
+    assert backend.retries == 3
+    replicas = [r.backend for r in backend.replicas]
+    assert all(isinstance(r, OpenAICompatBackend) for r in replicas)
+    assert [r.settings.base_url for r in replicas] == [
+        "http://127.0.0.1:9/v1",
+        "http://127.0.0.1:10/v1",
+    ]

@@ -6,12 +6,15 @@ from imrelay.config import EchoModelSettings, ModelSettings, OpenAIModelSettings
 from imrelay.models.base import ChatMessage, Generation, ModelBackend
 from imrelay.models.echo import EchoBackend
 from imrelay.models.openai_compat import OpenAICompatBackend
+from imrelay.models.pool import FallbackChain, ModelPool
 
 __all__ = [
     "ChatMessage",
     "EchoBackend",
+    "FallbackChain",
     "Generation",
     "ModelBackend",
+    "ModelPool",
     "OpenAICompatBackend",
     "build_model",
 ]
@@ -25,14 +28,27 @@ def build_model(name: str, settings: ModelSettings) -> ModelBackend:
         settings: that model's settings.
 
     Returns:
-        An :class:`OpenAICompatBackend` for ``type: openai``, an :class:`EchoBackend` for
+        For ``type: openai``, a :class:`ModelPool` over one :class:`OpenAICompatBackend` per
+        endpoint (retries, first-token timeout, circuit breakers); an :class:`EchoBackend` for
         ``type: echo``. The caller closes it with ``aclose()``.
 
     Raises:
         TypeError: the settings are of no known model type.
     """
     if isinstance(settings, OpenAIModelSettings):
-        return OpenAICompatBackend(name, settings)
+        replicas = [
+            OpenAICompatBackend(name, settings.model_copy(update={"base_url": url}))
+            for url in settings.urls
+        ]
+        return ModelPool(
+            name,
+            replicas,
+            retries=settings.retries,
+            backoff_s=settings.retry_backoff_s,
+            first_token_timeout_s=settings.first_token_timeout_s,
+            breaker_failures=settings.breaker_failures,
+            breaker_reset_s=settings.breaker_reset_s,
+        )
     if isinstance(settings, EchoModelSettings):
         return EchoBackend(name, settings)
     raise TypeError(f"unknown model settings type: {type(settings).__name__}")

@@ -157,7 +157,7 @@ class OpenAICompatBackend:
         )
         self._owns_http = http_client is None
         self._client = openai.AsyncOpenAI(
-            base_url=settings.base_url,
+            base_url=settings.urls[0],
             api_key=self._secret or "not-needed",
             timeout=timeout,
             max_retries=0,

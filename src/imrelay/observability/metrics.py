@@ -111,6 +111,12 @@ class Metrics:
             ["model", "outcome"],
             registry=r,
         )
+        self.model_fallbacks = Counter(
+            "imrelay_model_fallbacks_total",
+            "Requests a model failed and handed to the next model of its fallback chain.",
+            ["model", "to"],
+            registry=r,
+        )
         self.model_tokens = Counter(
             "imrelay_model_tokens_total",
             "Tokens reported by models, by direction (prompt, completion).",
@@ -127,6 +133,13 @@ class Metrics:
             "imrelay_reconnects_total",
             "Long-connection reconnections, by reason.",
             ["platform", "reason"],
+            registry=r,
+        )
+        self.platform_throttled = Counter(
+            "imrelay_platform_throttled_total",
+            "Sends that had to wait for a rate limit, by scope (conversation, app: imrelay's own "
+            "token buckets; platform: the platform answered with a throttling error).",
+            ["platform", "scope"],
             registry=r,
         )
         self.inflight = Gauge(
