@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -240,7 +241,7 @@ class Gateway:
         self.port = int(address[1])
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return web.json_response({"status": "ok", "pid": os.getpid()})
 
     async def readiness(self) -> list[str]:
         """Reasons the gateway is not ready; empty when it is."""

@@ -90,6 +90,21 @@ class GatewayProcess:
         self.kills = 0
 
     async def start(self, ready_timeout: float = 30.0) -> None:
+        """Start the process and wait for its own /healthz (the pid must match).
+
+        If another process took the port between choosing and binding it, the gateway exits
+        with "address already in use": a new port is chosen and the start retried.
+        """
+        for _ in range(3):
+            if await self._start_once(ready_timeout):
+                return
+            config = json.loads(self.config.read_text())
+            self.port = config["server"]["port"] = free_port()
+            self.config.write_text(json.dumps(config))
+        raise AssertionError("gateway could not bind a port:\n" + self.log.read_text()[-3000:])
+
+    async def _start_once(self, ready_timeout: float) -> bool:
+        offset = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "imrelay", "run", "-c", str(self.config),
@@ -98,12 +113,16 @@ class GatewayProcess:
         deadline = time.monotonic() + ready_timeout
         async with aiohttp.ClientSession() as http:
             while time.monotonic() < deadline:
-                assert self.proc.returncode is None, self.log.read_text()[-3000:]
+                if self.proc.returncode is not None:
+                    tail = self.log.read_bytes()[offset:].decode(errors="replace")
+                    if "address already in use" in tail:
+                        return False
+                    raise AssertionError("gateway exited at start:\n" + tail[-3000:])
                 try:
                     async with http.get(f"http://127.0.0.1:{self.port}/healthz") as resp:
-                        if resp.status == 200:
-                            return
-                except aiohttp.ClientError:
+                        if resp.status == 200 and (await resp.json()).get("pid") == self.proc.pid:
+                            return True
+                except (aiohttp.ClientError, ValueError):
                     pass
                 await asyncio.sleep(0.05)
         raise AssertionError("gateway did not start:\n" + self.log.read_text()[-3000:])

@@ -218,3 +218,52 @@ async def test_faults_overload_applies_backpressure_with_flat_memory(
     assert outcome.lost == []
     assert outcome.doubled == 0
     assert growth < 30 * 2**20
+
+
+async def test_faults_sigterm_drains_in_flight_work(
+    sim: DingTalkSimulator, tmp_path: Path
+) -> None:
+    """SIGTERM lets in-flight answers finish; past the deadline the rest waits for a restart."""
+    async with ModelSimulator(latency_ms=400) as model:
+        port = free_port()
+        config = gateway_config(
+            sim, {"default": openai_model(model)}, tmp_path, port=port,
+            pipeline={"max_concurrency": 4, "drain_timeout_s": 3},
+        )  # fmt: skip
+        gw = GatewayProcess(config, port, tmp_path / "gw.log")
+        await gw.start()
+        # Four conversations are in flight when SIGTERM comes: they finish within the deadline.
+        load = Load()
+        for c in range(4):
+            ids = await sim.send_message(f"drain c{c}", conversation_id=f"cidDrain{c}")
+            load.sent[f"cidDrain{c}"] = [ids["msg_id"]]
+            load.texts[ids["msg_id"]] = f"drain c{c}"
+        while len(model.requests) < 4:
+            await asyncio.sleep(0.01)
+        assert await gw.stop() == 0
+        assert {r["msg_id"] for r in sim.replies()} >= {m[0] for m in load.sent.values()}
+        # Twelve messages queued in one conversation cannot all finish in a 1 s drain: what is
+        # left stays in the inbox and is answered, in order, after the next start.
+        config.write_text(
+            config.read_text().replace('"drain_timeout_s": 3', '"drain_timeout_s": 1')
+        )
+        await gw.start()
+        queued = Load()
+        queued.sent["cidDrainQ"] = []
+        for k in range(12):
+            ids = await sim.send_message(f"queued k{k}", conversation_id="cidDrainQ")
+            queued.sent["cidDrainQ"].append(ids["msg_id"])
+            queued.texts[ids["msg_id"]] = f"queued k{k}"
+        await asyncio.sleep(0.6)
+        assert await gw.stop() == 0
+        answered_before_restart = len({r["msg_id"] for r in sim.replies()} & set(queued.texts))
+        assert answered_before_restart < 12
+        await gw.start()
+        try:
+            outcome = await settle(sim, queued, timeout=30)
+        finally:
+            await gw.stop()
+    report(outcome.line("sigterm-drain") + f", {answered_before_restart} answered before restart")
+    assert outcome.lost == []
+    assert outcome.doubled == 0
+    assert outcome.reordered == 0
