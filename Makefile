@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test check pytest install clean
+.PHONY: demo test check pytest audit install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,11 @@ pytest: $(STAMP)
 
 test: $(STAMP)
 	scripts/check
+	scripts/bandit
 	scripts/test
+
+audit: $(STAMP)
+	scripts/audit
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

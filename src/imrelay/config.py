@@ -35,6 +35,15 @@ from pydantic import (
 )
 
 from imrelay.errors import ConfigError
+from imrelay.security.access import AccessSettings
+from imrelay.security.audit import AuditSettings
+from imrelay.security.ratelimit import RateLimitSettings
+from imrelay.security.secrets import (
+    SecretsSettings,
+    SecretStore,
+    has_secret_refs,
+    resolve_secret_refs,
+)
 
 __all__ = [
     "ContextSettings",
@@ -48,6 +57,7 @@ __all__ = [
     "PipelineSettings",
     "PlatformSettings",
     "RoutingSettings",
+    "SecuritySettings",
     "ServerSettings",
     "Settings",
     "StorageSettings",
@@ -234,6 +244,15 @@ class LoggingSettings(_Section):
     include_text: bool = False
 
 
+class SecuritySettings(_Section):
+    """Audit log, access control, inbound rate limits and the encrypted secret store."""
+
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    access: AccessSettings = Field(default_factory=AccessSettings)
+    rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    secrets: SecretsSettings = Field(default_factory=SecretsSettings)
+
+
 class Settings(_Section):
     """The whole configuration file."""
 
@@ -245,6 +264,7 @@ class Settings(_Section):
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     context: ContextSettings = Field(default_factory=ContextSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
 
     @model_validator(mode="after")
     def _routes_name_models(self) -> Settings:
@@ -518,7 +538,7 @@ class _YAMLLoader(yaml.SafeLoader):
 def _parse_yaml(text: str) -> tuple[Any, str | None]:
     """The parsed document, or None and the problem (never quoting the text)."""
     try:
-        return yaml.load(text, Loader=_YAMLLoader), None  # a SafeLoader: plain data only
+        return yaml.load(text, Loader=_YAMLLoader), None  # nosec B506  # a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         what = exc.problem or exc.context or "syntax error"
@@ -557,6 +577,8 @@ def _parse(data: Mapping[Any, Any], env: Mapping[str, str], source: str) -> Sett
     problems += override_problems
     later: list[_Problem] = []
     settings: Settings | None = None
+    if has_secret_refs(tree):
+        tree = _resolve_secrets(tree, env, problems)
     try:
         settings = Settings.model_validate(tree)
     except ValidationError as exc:
@@ -568,6 +590,30 @@ def _parse(data: Mapping[Any, Any], env: Mapping[str, str], source: str) -> Sett
     if problems or settings is None:
         raise ConfigError(_render(problems, source))
     return settings
+
+
+def _resolve_secrets(
+    tree: dict[Any, Any], env: Mapping[str, str], problems: list[_Problem]
+) -> dict[Any, Any]:
+    """Replace ``secret:NAME`` values with the secrets kept by ``imrelay secrets``."""
+    section = tree.get("security", {})
+    raw = section.get("secrets", {}) if isinstance(section, dict) else {}
+    try:
+        secrets_settings = SecretsSettings.model_validate(raw if isinstance(raw, dict) else {})
+    except ValidationError:
+        problems.append((("security", "secrets"), "invalid secret store settings"))
+        return tree
+    failure: ConfigError | None = None
+    try:
+        store = SecretStore.from_settings(secrets_settings, environ=env)
+        return resolve_secret_refs(tree, store)
+    except ConfigError as exc:
+        failure = exc
+    problems.extend(
+        (tuple(key.split(".")) if key else ("security", "secrets"), message)
+        for key, message in failure.problems
+    )
+    return tree
 
 
 def _render(problems: list[_Problem], source: str) -> list[tuple[str, str]]:

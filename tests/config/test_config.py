@@ -23,6 +23,7 @@ from imrelay.config import (
     OpenAIModelSettings,
     PipelineSettings,
     RoutingSettings,
+    SecuritySettings,
     ServerSettings,
     Settings,
     StorageSettings,
@@ -32,6 +33,10 @@ from imrelay.config import (
     parse_settings,
 )
 from imrelay.errors import ConfigError
+from imrelay.security.access import AccessRule, AccessSettings
+from imrelay.security.audit import AuditSettings
+from imrelay.security.ratelimit import RateLimitSettings
+from imrelay.security.secrets import SecretsSettings
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SECRET = "s3cr3t-Value-9f8e7d"
@@ -153,6 +158,12 @@ def test_docs_configuration_lists_every_key() -> None:
         PipelineSettings,
         ContextSettings,
         LoggingSettings,
+        SecuritySettings,
+        AuditSettings,
+        AccessSettings,
+        AccessRule,
+        RateLimitSettings,
+        SecretsSettings,
     ]
     missing = [
         f"{model.__name__}.{name}"

@@ -13,7 +13,7 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
+import subprocess  # nosec B404  # the demo starts its own simulators
 import sys
 import tempfile
 import time
@@ -26,7 +26,7 @@ from typing import Any
 __all__ = ["demo_config", "free_port", "run_demo"]
 
 APP_KEY = "demo-app-key"
-APP_SECRET = "demo-app-secret"  # the simulator's own credential; not a real secret
+APP_SECRET = "demo-app-secret"  # nosec B105  # the simulator's own credential, not a secret
 
 
 def free_port(preferred: int = 0) -> int:
@@ -75,7 +75,7 @@ def _wait_http(url: str, deadline: float, procs: list[subprocess.Popen[bytes]]) 
         if any(p.poll() is not None for p in procs):
             return False
         try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
+            with urllib.request.urlopen(url, timeout=1) as resp:  # nosec B310  # http://127.0.0.1
                 if resp.status == 200:
                     return True
         except (urllib.error.URLError, OSError):
@@ -124,14 +124,14 @@ def run_demo(*, port: int = 8765, ready_timeout_s: float = 60.0) -> int:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs.append(
-            subprocess.Popen(
+            subprocess.Popen(  # nosec B603  # sys.executable, fixed arguments
                 [*exe, "sim", "dingtalk", "--port", str(dingtalk_port),
                  "--app-key", APP_KEY, "--app-secret", APP_SECRET],
                 env=env,
             )
         )  # fmt: skip
         procs.append(
-            subprocess.Popen(
+            subprocess.Popen(  # nosec B603  # sys.executable, fixed arguments
                 [*exe, "sim", "model", "--port", str(model_port),
                  "--latency-ms", "300", "--tokens-per-s", "30"],
                 env=env,
@@ -144,7 +144,7 @@ def run_demo(*, port: int = 8765, ready_timeout_s: float = 60.0) -> int:
         if not _wait_http(f"http://127.0.0.1:{model_port}/v1/models", deadline, procs):
             print("demo: the model simulator did not start", file=sys.stderr)
             return 1
-        procs.append(subprocess.Popen([*exe, "run", "-c", str(config_path)], env=env))
+        procs.append(subprocess.Popen([*exe, "run", "-c", str(config_path)], env=env))  # nosec B603  # our own CLI
         if not _wait_http(f"http://127.0.0.1:{http_port}/readyz", deadline, procs):
             print("demo: the gateway did not become ready", file=sys.stderr)
             return 1

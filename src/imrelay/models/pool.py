@@ -272,7 +272,7 @@ class FallbackChain:
                 continue
             result.extra["model"] = name
             return
-        assert last is not None
+        assert last is not None  # nosec B101  # the loop ran at least once
         raise last
 
     async def probe(self) -> str:

@@ -83,7 +83,7 @@ def loopback_url(host: str, port: int, scheme: str = "http") -> str:
     A wildcard bind address (``0.0.0.0``, ``::`` or empty) becomes ``127.0.0.1``; an IPv6
     literal gets brackets.
     """
-    if host in ("", "0.0.0.0", "::"):
+    if host in ("", "0.0.0.0", "::"):  # nosec B104  # replaced by 127.0.0.1 below
         host = "127.0.0.1"
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"

@@ -78,7 +78,7 @@ class DingTalkAPI:
         )
         self._clock = clock
         self.user_agent = user_agent
-        self._token = ""
+        self._token = ""  # nosec B105  # no access token fetched yet
         self._token_valid_until = 0.0
         self._token_lock = asyncio.Lock()
 
