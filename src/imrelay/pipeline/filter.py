@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 
 from imrelay.pipeline.context import Drop, TurnContext
+from imrelay.pipeline.media import has_pictures
 from imrelay.stores.base import Inbox, MessageState
 
 __all__ = ["DUPLICATE", "AccessStage", "DedupStage", "KindStage"]
@@ -61,21 +63,40 @@ class AccessStage:
 
 
 class KindStage:
-    """Only text reaches a text model; other kinds get a polite notice.
+    """Let through what a configured model can read; other kinds get a polite notice.
 
-    A text message with no text (DingTalk sends those when the organisation's quota is used
-    up) is dropped without a notice.
+    * ``text``: passes; without text (DingTalk sends those when the organisation's quota is
+      used up) it is dropped without a notice.
+    * ``audio``: passes when the platform recognised speech in it (DingTalk's
+      ``recognition``, which is the message's text); otherwise the notice.
+    * ``image``: passes when ``routes`` has an ``image`` model (the media stage downloads it).
+    * ``rich``: with pictures, like ``image``; without, like ``text``.
+    * ``file`` and ``video``: pass when ``routes`` has a model for their kind (the media stage
+      tells that model what was sent; imrelay does not read the content); otherwise the notice.
+    * anything else: the notice.
+
+    Args:
+        unsupported_notice: sent for a message no model can take.
+        routes: ``routing.by_kind`` (message kind → model name).
     """
 
     name = "kind"
 
-    def __init__(self, *, unsupported_notice: str) -> None:
+    def __init__(
+        self, *, unsupported_notice: str, routes: Mapping[str, str] | None = None
+    ) -> None:
         self.unsupported_notice = unsupported_notice
+        self.routes = dict(routes or {})
 
     async def __call__(self, ctx: TurnContext) -> TurnContext | Drop:
         msg = ctx.message
-        if msg.kind != "text":
-            return Drop("unsupported_kind", notice=self.unsupported_notice)
-        if not msg.text.strip():
-            return Drop("empty")
-        return ctx
+        kind = msg.kind
+        if kind == "rich" and has_pictures(msg):
+            kind = "image"
+        if kind in ("text", "rich"):
+            return ctx if msg.text.strip() else Drop("empty")
+        if kind in ("image", "file", "video") and kind in self.routes:
+            return ctx
+        if kind == "audio" and msg.text.strip():
+            return ctx
+        return Drop("unsupported_kind", notice=self.unsupported_notice)

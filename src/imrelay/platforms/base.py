@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Literal, Protocol
 
+from aiohttp import web
+
 from imrelay.message import Attachment, InboundMessage, OutboundReply
 
 __all__ = ["IngressKind", "Intake", "Platform"]
@@ -63,6 +65,10 @@ class Platform(Protocol):
 
     async def probe(self) -> str:
         """Check the credentials (e.g. fetch an access token); return a short description."""
+        ...
+
+    async def handle_webhook(self, request: web.Request) -> web.StreamResponse:
+        """Answer one platform callback (``POST /webhooks/<name>``) in webhook mode."""
         ...
 
     async def aclose(self) -> None:

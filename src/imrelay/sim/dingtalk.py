@@ -18,7 +18,8 @@ One aiohttp application on one port serves:
 * ``POST /robot/sendBySession?session=…`` — the sessionWebhook; replies are validated (§2.1) and
   recorded in arrival order.
 * ``POST /v1.0/oauth2/accessToken`` — a token that stays the same while valid (7200 s).
-* ``/_sim/…`` — the control API (inject messages, read replies, inject faults, state), and
+* ``/_sim/…`` — the control API (inject messages, one or a batch, read replies, inject
+  faults, state), and
   ``GET /``, a self-contained chat page for people.
 
 Delivery semantics
@@ -40,6 +41,11 @@ Faults (:meth:`~DingTalkSimulator.fault`, ``POST /_sim/faults``), windows in rea
 * ``{"silence_s": N}`` — for N s: push nothing (not even pings), answer no WebSocket ping and
   ignore every client frame (ACKs sent meanwhile are lost, as on a half-open link).
 * ``{"throttle_s": N}`` — the sessionWebhook answers errcode 130101 (send too fast) for N s.
+
+HTTP mode: with :attr:`~DingTalkSimulator.webhook_url` set (constructor or attribute), an injected
+bot message is not pushed on a WebSocket but signed and POSTed to that URL like DingTalk's HTTP
+mode (§3.1, :mod:`imrelay.sim.dingtalk_webhook`); 5xx/429 answers are retried a few times, and the
+final HTTP status is recorded in :attr:`~DingTalkSimulator.webhook_results` by ``msgId``.
 
 Recorded traffic (ACKs, replies, injected messages, sessions) is bounded by ``max_records``;
 the oldest entries are forgotten first, and a forgotten session answers errcode 300001.
@@ -73,6 +79,7 @@ from imrelay.sim._common import (
     require_seconds,
 )
 from imrelay.sim.dingtalk_page import render_page
+from imrelay.sim.dingtalk_webhook import DingTalkWebhookSender
 
 __all__ = [
     "BOT_MESSAGE_TOPIC",
@@ -296,6 +303,8 @@ class DingTalkSimulator:
             endpoint.
         max_records: how many ACKs, replies, messages and sessions are remembered.
         extensions: extra parts (see :class:`SimExtension`); default: every part shipped.
+        webhook_url: when set, bot messages are signed and POSTed there (HTTP mode) instead of
+            pushed on a WebSocket; may also be set later through :attr:`webhook_url`.
     """
 
     def __init__(
@@ -312,6 +321,7 @@ class DingTalkSimulator:
         public_url: str | None = None,
         max_records: int = 100_000,
         extensions: Sequence[SimExtension] | None = None,
+        webhook_url: str | None = None,
     ) -> None:
         if ping_interval_s <= 0:
             raise ValueError("ping_interval_s must be positive")
@@ -348,6 +358,9 @@ class DingTalkSimulator:
         self._refuse_until = 0.0
         self._silent_until = 0.0
         self._throttle_until = 0.0
+        self._send_gate: Callable[[str], bool] | None = None
+        # msgtype -> downloadCode for media messages; set by the media extension when present
+        self.media_code_factory: Callable[[str], str] | None = None
         self._app_id = str(uuid.uuid4())
         self._corp_id = "dingsim" + hashlib.sha256(app_key.encode()).hexdigest()[:16]
         self._bot_user_id = _encrypted_id("bot", app_key)
@@ -363,6 +376,9 @@ class DingTalkSimulator:
         if len(keys) != len(set(keys)) or set(keys) & _FAULT_KEYS:
             raise ValueError("simulator extensions declare overlapping fault keys")
         self._fault_keys = _FAULT_KEYS | set(keys)
+        self.webhook_url = webhook_url
+        self.webhook_results: BoundedDict[str, int] = BoundedDict(max_records)
+        self._webhook = DingTalkWebhookSender(app_secret, clock=clock)
 
     @property
     def app_key(self) -> str:
@@ -387,6 +403,7 @@ class DingTalkSimulator:
         app.router.add_post("/v1.0/oauth2/accessToken", self._handle_token)
         app.router.add_post("/robot/sendBySession", self._handle_send_by_session)
         app.router.add_post("/_sim/messages", self._handle_post_message)
+        app.router.add_post("/_sim/messages/batch", self._handle_post_batch)
         app.router.add_get("/_sim/messages", self._handle_get_messages)
         app.router.add_get("/_sim/replies", self._handle_get_replies)
         app.router.add_post("/_sim/faults", self._handle_faults)
@@ -425,6 +442,7 @@ class DingTalkSimulator:
         )
         for ext in self.extensions:
             await ext.aclose()
+        await self._webhook.aclose()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -452,6 +470,9 @@ class DingTalkSimulator:
         is_admin: bool = False,
     ) -> dict[str, str]:
         """Inject a message a person sent to the bot (same as ``POST /_sim/messages``).
+
+        With :attr:`webhook_url` set, the message is POSTed there (HTTP mode) and this returns
+        once the gateway answered; the final status is in :attr:`webhook_results`.
 
         In 1:1 chats (``conversation_type="1"``) the bot is always addressed; in groups
         (``"2"``) ``at_bot=False`` still delivers the message but with ``isInAtList=false`` so a
@@ -483,6 +504,10 @@ class DingTalkSimulator:
         _check_message_args(args)
         rec = self._build_inbound(**args)
         ids = {"msg_id": rec.msg_id, "message_id": rec.message_id}
+        if self.webhook_url is not None:
+            delivery = await self._webhook.deliver(self.webhook_url, rec.data)
+            self.webhook_results[rec.msg_id] = delivery.status
+            return ids
         if not self._pending and (self._flush_task is None or self._flush_task.done()):
             conn = self._pick()
             if conn is not None and await self._push(conn, rec):
@@ -567,6 +592,7 @@ class DingTalkSimulator:
             "refusing": now < self._refuse_until,
             "silenced": now < self._silent_until,
             "throttled": now < self._throttle_until,
+            "webhook": {"url": self.webhook_url, **self._webhook.state()},
             **{ext.name: ext.state() for ext in self.extensions},
         }
 
@@ -650,28 +676,38 @@ class DingTalkSimulator:
         digest = hashlib.sha256(f"{self._app_key}:{sender_id}".encode()).digest()[:24]
         return "cid" + base64.b64encode(digest).decode()
 
-    @staticmethod
-    def _content(msgtype: str, text: str, *, leading_space: bool) -> dict[str, Any]:
-        """Return the msgtype-specific part of a payload (§1.7)."""
+    def _content(self, msgtype: str, text: str, *, leading_space: bool) -> dict[str, Any]:
+        """Return the msgtype-specific part of a payload (§1.7).
+
+        A media item's download code comes from :attr:`media_code_factory` when one is set
+        (``downloadCode`` and ``pictureDownloadCode`` then name the same item).
+        """
 
         def code() -> str:
             return base64.b64encode(secrets.token_bytes(36)).decode()
 
+        def media() -> str:
+            factory = self.media_code_factory
+            return factory(msgtype) if factory is not None else code()
+
         if msgtype == "text":
             return {"text": {"content": (" " + text) if leading_space else text}}
-        if msgtype == "picture":
-            return {"content": {"downloadCode": code(), "pictureDownloadCode": code()}}
-        if msgtype == "richText":
-            picture = {"type": "picture", "downloadCode": code(), "pictureDownloadCode": code()}
-            return {"content": {"richText": [{"text": text}, picture]}}
+        if msgtype in ("picture", "richText"):
+            item = media()
+            picture = {"downloadCode": item, "pictureDownloadCode": item}
+            if self.media_code_factory is None:
+                picture["pictureDownloadCode"] = code()
+            if msgtype == "picture":
+                return {"content": picture}
+            return {"content": {"richText": [{"text": text}, {"type": "picture", **picture}]}}
         if msgtype == "audio":
-            return {"content": {"downloadCode": code(), "recognition": text, "duration": 3000}}
+            return {"content": {"downloadCode": media(), "recognition": text, "duration": 3000}}
         if msgtype == "video":
-            return {"content": {"downloadCode": code(), "videoType": "mp4", "duration": "5"}}
+            return {"content": {"downloadCode": media(), "videoType": "mp4", "duration": "5"}}
         if msgtype == "file":
             return {
                 "content": {
-                    "downloadCode": code(),
+                    "downloadCode": media(),
                     "fileName": text or "文件.txt",
                     "fileId": secrets.token_hex(8),
                     "spaceId": str(secrets.randbelow(10**10)),
@@ -931,6 +967,8 @@ class DingTalkSimulator:
         problem = _check_reply(msgtype, body)
         if problem is not None:
             return _errcode(40035, f"缺少参数 {problem}")
+        if not self.admit_send("webhook"):
+            return _errcode(130101, "send too fast, exceed 20 times per minute")
         self.record_reply(session.msg_id, session.conversation_id, msgtype, body)
         return _errcode(0, "ok")
 
@@ -991,9 +1029,49 @@ class DingTalkSimulator:
         """Forget the current access token (clients must fetch a new one)."""
         self._token = None
 
+    def expire_sessions(self) -> None:
+        """Expire every sessionWebhook handed out so far: each answers errcode 300001 from now.
+
+        Messages injected afterwards get working sessions as usual.
+        """
+        for session in self._sessions.values():
+            session.expires_ms = 0
+
+    def set_send_gate(self, gate: Callable[[str], bool] | None) -> None:
+        """Install (or remove, with ``None``) a check every valid bot send must pass.
+
+        ``gate(api)`` is called with ``"webhook"`` for a valid sessionWebhook send just before
+        it would be recorded; ``False`` answers errcode 130101 (send too fast) instead.
+        Extensions ask it for their own APIs through :meth:`admit_send`.
+        """
+        self._send_gate = gate
+
+    def admit_send(self, api: str) -> bool:
+        """Ask the send gate (see :meth:`set_send_gate`) whether one send on ``api`` may go.
+
+        Extensions call it for their own send endpoints (``"batchSend"``, card updates, …) and
+        answer with the platform's throttling error when it returns ``False``.
+        """
+        return self._send_gate is None or self._send_gate(api)
+
     def direct_conversation_id(self, sender_id: str) -> str:
         """The conversation id of the 1:1 chat between ``sender_id`` and the bot."""
         return self._direct_conversation_id(sender_id)
+
+    def knows_user(self, staff_id: str) -> bool:
+        """Whether ``staff_id`` is a preset user or sent one of the remembered messages."""
+        if any(uid == staff_id for uid, _ in PRESET_USERS):
+            return True
+        return any(m["sender_id"] == staff_id for m in reversed(self._messages))
+
+    def knows_group(self, conversation_id: str) -> bool:
+        """Whether ``conversation_id`` is a preset group or a remembered message's group."""
+        if any(gid == conversation_id for gid, _ in PRESET_GROUPS):
+            return True
+        return any(
+            m["conversation_id"] == conversation_id and m["conversation_type"] == "2"
+            for m in reversed(self._messages)
+        )
 
     async def _handle_index(self, request: web.Request) -> web.Response:
         config = {
@@ -1015,6 +1093,68 @@ class DingTalkSimulator:
         except (ValueError, TypeError) as exc:
             return json_response({"error": str(exc)}, status=400)
         return json_response(ids)
+
+    async def _handle_post_batch(self, request: web.Request) -> web.Response:
+        """``POST /_sim/messages/batch``: inject ``{"messages": [<POST /_sim/messages body>…]}``.
+
+        Every item is validated first (a bad one answers 400 and nothing is sent). Stream
+        mode sends them in order; HTTP mode delivers each conversation's items in order and
+        different conversations concurrently. Answers ``{"sent": [...]}`` in item order, each
+        ``{"msg_id", "message_id", "sent_at"}`` (this simulator's clock just before the
+        message was handed over) plus, in HTTP mode, ``webhook_status`` and ``webhook_ms``
+        (the gateway's final answer and how long the delivery took).
+        """
+        body = await read_json_object(request)
+        items = body.get("messages") if body is not None else None
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            return json_response({"error": "messages must be a list of objects"}, status=400)
+        calls: list[tuple[str, dict[str, Any]]] = []
+        signature = inspect.signature(self.send_message)
+        for n, item in enumerate(items):
+            unknown = sorted(set(item) - _MESSAGE_KEYS)
+            if unknown:
+                error = f"messages[{n}]: unknown keys: {', '.join(unknown)}"
+                return json_response({"error": error}, status=400)
+            kwargs = {k: v for k, v in item.items() if k != "text" and v is not None}
+            try:
+                bound = signature.bind(item.get("text", ""), **kwargs)
+                bound.apply_defaults()
+                _check_message_args(dict(bound.arguments))
+            except (ValueError, TypeError) as exc:
+                return json_response({"error": f"messages[{n}]: {exc}"}, status=400)
+            calls.append((item.get("text", ""), kwargs))
+        sent: list[dict[str, Any]] = [{} for _ in calls]
+
+        async def deliver(indexes: list[int]) -> None:
+            for n in indexes:
+                text, kwargs = calls[n]
+                sent_at, started = self._clock(), time.perf_counter()
+                ids = await self.send_message(text, **kwargs)
+                sent[n] = {**ids, "sent_at": sent_at}
+                if self.webhook_url is not None:
+                    sent[n]["webhook_status"] = self.webhook_results.get(ids["msg_id"], 0)
+                    sent[n]["webhook_ms"] = (time.perf_counter() - started) * 1000.0
+
+        try:
+            if self.webhook_url is None:
+                await deliver(list(range(len(calls))))
+            else:
+                lanes: dict[str, list[int]] = {}
+                for n, (_, kwargs) in enumerate(calls):
+                    lanes.setdefault(self._conversation_of(kwargs), []).append(n)
+                await asyncio.gather(*(deliver(lane) for lane in lanes.values()))
+        except RuntimeError as exc:  # the simulator is closing
+            return json_response({"error": str(exc)}, status=503)
+        return json_response({"sent": sent})
+
+    def _conversation_of(self, kwargs: Mapping[str, Any]) -> str:
+        """The conversation a :meth:`send_message` call with ``kwargs`` lands in."""
+        cid = kwargs.get("conversation_id")
+        if isinstance(cid, str):
+            return cid
+        if kwargs.get("conversation_type") == "2":
+            return DEFAULT_GROUP_ID
+        return self._direct_conversation_id(str(kwargs.get("sender_id") or DEFAULT_SENDER))
 
     @staticmethod
     def _after(request: web.Request) -> int:
@@ -1040,11 +1180,17 @@ class DingTalkSimulator:
         after = self._after(request)
         msg_id = request.query.get("msg_id")
         cid = request.query.get("conversation_id")
-        found = [
-            r
-            for r in self.replies(msg_id)
-            if r["seq"] > after and (cid is None or r["conversation_id"] == cid)
-        ]
+        found: list[dict[str, Any]] = []
+        # Newest first, stopping at ``after``: a poller asking for what is new does not pay
+        # for every remembered reply (a benchmark polls many times a second).
+        for r in reversed(self._replies):
+            if r["seq"] <= after:
+                break
+            if (msg_id is None or r["msg_id"] == msg_id) and (
+                cid is None or r["conversation_id"] == cid
+            ):
+                found.append(dict(r))
+        found.reverse()
         return json_response({"replies": found})
 
     async def _handle_faults(self, request: web.Request) -> web.Response:
@@ -1107,5 +1253,9 @@ async def serve(
 
 
 def default_extensions() -> list[SimExtension]:
-    """Every simulator part shipped beside the core (empty until parts are added)."""
-    return []
+    """Every simulator part shipped beside the core: OpenAPI sends, AI cards, media."""
+    from imrelay.sim.dingtalk_cards import CardExtension
+    from imrelay.sim.dingtalk_media import MediaExtension
+    from imrelay.sim.dingtalk_openapi import OpenAPIExtension
+
+    return [OpenAPIExtension(), CardExtension(), MediaExtension()]

@@ -1,9 +1,12 @@
 """The DingTalk simulator's web chat page (``GET /``): one self-contained HTML document.
 
 No external assets, so it works offline. The page injects messages with ``POST /_sim/messages``
-and polls ``GET /_sim/messages`` and ``GET /_sim/replies`` (``?after=<seq>``) once a second.
-Replies are rendered as plain text (markdown as preformatted text); nothing from the server is
-inserted as HTML.
+and polls ``GET /_sim/messages`` and ``GET /_sim/replies`` (``?after=<seq>``) and, when the card
+extension is installed, ``GET /_sim/cards`` (``?after=<version>``) twice a second. AI cards are
+shown where they were created and re-rendered as their text grows, with their status
+(processing, inputing, finished, failed); the final text the card extension mirrors into the
+replies is not shown a second time. Replies are rendered as plain text (markdown as
+preformatted text); nothing from the server is inserted as HTML.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ _PAGE: Final = """<!doctype html>
   .bubble .btns span { border: 1px solid var(--line); border-radius: 6px; padding: 2px 8px;
                        color: var(--blue); }
   .tag { font-size: 11px; color: var(--muted); margin-left: 6px; }
+  .bubble.card { border-left: 3px solid var(--blue); min-width: 160px; }
+  .bubble.card.failed { border-left-color: #d4380d; }
+  .bubble.card .state { font-size: 11px; color: var(--muted); margin-top: 4px; }
+  .bubble.card.live .state::after { content: " ▍"; color: var(--blue); }
   footer { background: #fff; border-top: 1px solid var(--line); padding: 10px 18px;
            display: flex; gap: 10px; align-items: center; }
   footer textarea { flex: 1; resize: none; height: 54px; padding: 8px;
@@ -94,7 +101,7 @@ _PAGE: Final = """<!doctype html>
 const CONFIG = /*__CONFIG__*/null;
 const $ = (id) => document.getElementById(id);
 const state = { user: CONFIG.users[0], conv: "dm", messages: [], replies: [],
-                afterMsg: 0, afterReply: 0 };
+                cards: new Map(), afterMsg: 0, afterReply: 0, afterCard: 0, noCards: false };
 
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -142,7 +149,11 @@ function visible() {
   if (state.conv !== "dm") cids.add(state.conv);
   const items = msgs.map((m) => ({ t: m.created_at, kind: "msg", m }));
   for (const r of state.replies) {
+    if (r.msgtype === "card") continue;  // shown live from /_sim/cards
     if (cids.has(r.conversation_id)) items.push({ t: r.received_at, kind: "reply", r });
+  }
+  for (const c of state.cards.values()) {
+    if (cids.has(c.conversation_id)) items.push({ t: c.created_at, kind: "card", c });
   }
   items.sort((a, b) => a.t - b.t);
   return items;
@@ -161,6 +172,13 @@ function replyBody(r) {
   if (btns.childElementCount) box.append(btns);
   return box;
 }
+function cardBody(c) {
+  const done = c.status === "finished" || c.status === "failed";
+  const box = el("div", "bubble card " + c.status + (done ? "" : " live"));
+  box.append(el("pre", "", c.text || "…"));
+  box.append(el("div", "state", "AI card · " + c.status));
+  return box;
+}
 function render() {
   const u = currentUser();
   const g = CONFIG.groups.find((x) => x.id === state.conv);
@@ -176,6 +194,11 @@ function render() {
       if (m.conversation_type === "2") who.append(el("span", "tag", m.at_bot ? "@bot" : "no @"));
       if (m.msgtype !== "text") who.append(el("span", "tag", m.msgtype));
       row.append(who, el("div", "bubble", m.text)); log.append(row);
+    } else if (it.kind === "card") {
+      const row = el("div", "row bot");
+      const who = el("div", "who", "bot 机器人");
+      who.append(el("span", "tag", "card"));
+      row.append(who, cardBody(it.c)); log.append(row);
     } else {
       const row = el("div", "row bot");
       const who = el("div", "who", "bot 机器人");
@@ -200,7 +223,7 @@ async function send() {
     const out = await res.json();
     if (!res.ok) throw new Error(out.error || res.status);
     $("text").value = "";
-    await poll();
+    await tick();
   } catch (e) {
     $("status").replaceChildren(el("span", "err", "send failed: " + e.message));
   } finally { $("send").disabled = false; $("text").focus(); }
@@ -212,15 +235,31 @@ async function poll() {
       fetch("/_sim/replies?after=" + state.afterReply).then((x) => x.json())]);
     for (const x of m.messages) { state.messages.push(x); state.afterMsg = x.seq; }
     for (const x of r.replies) { state.replies.push(x); state.afterReply = x.seq; }
+    let cardsChanged = 0;
+    if (!state.noCards) {
+      const res = await fetch("/_sim/cards?after=" + state.afterCard);
+      if (res.status === 404) { state.noCards = true; } else {
+        const c = await res.json();
+        for (const x of c.cards) { state.cards.set(x.out_track_id, x); cardsChanged++; }
+        state.afterCard = c.version;
+      }
+    }
     const s = await fetch("/_sim/state").then((x) => x.json());
     $("status").textContent = "gateway connections: " + s.connections +
-      " · queued: " + s.pending + " · replies: " + s.replies;
-    if (m.messages.length || r.replies.length) render();
+      " · queued: " + s.pending + " · replies: " + s.replies +
+      (s.cards ? " · cards: " + s.cards.cards : "");
+    if (m.messages.length || r.replies.length || cardsChanged) render();
   } catch (e) {
     $("status").replaceChildren(el("span", "err", "simulator unreachable"));
   }
 }
-setup(); render(); poll(); setInterval(poll, 1000);
+let polling = false;
+async function tick() {
+  if (polling) return;
+  polling = true;
+  try { await poll(); } finally { polling = false; }
+}
+setup(); render(); tick(); setInterval(tick, 500);
 </script>
 </body>
 </html>

@@ -21,6 +21,9 @@ so it holds the planned time; the measured time is in the final chunk's ``imrela
 Non-streamed answers carry the measured time in the header and in the JSON (``imrelay_sim``).
 Measured times are also kept in :attr:`ModelSimulator.timings`, keyed by the request's
 ``x-request-id`` header (or a generated id, returned in the response's ``x-request-id``).
+``GET /_sim/timings?after=<seq>`` lists the answered requests since ``seq``, each
+``{"seq", "request_id", "model_time_ms", "text"}`` (``text``: the start of the last user
+message), so a benchmark in another process can take the model's time out of its latencies.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import logging
 import random
 import re
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -47,6 +51,7 @@ __all__ = ["UNCHANGED", "ModelSimulator", "serve"]
 logger = logging.getLogger(__name__)
 
 _TIME_HEADER: Final = "x-imrelay-sim-model-time-ms"
+_TIMING_TEXT_CHARS: Final = 200
 _ROLES: Final = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _PART_TYPES: Final = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
 _WORD = re.compile(r"\s*\S+")
@@ -228,9 +233,11 @@ class ModelSimulator:
         self.max_recorded = max_recorded
         self.requests: list[dict[str, Any]] = []
         self.timings: dict[str, float] = {}
+        self._answered: deque[dict[str, Any]] = deque(maxlen=max_recorded)
+        self._answered_seq = 0
         self._behaviour = _Behaviour()
         self.set_behaviour(latency_ms=latency_ms, tokens_per_s=tokens_per_s, error_rate=error_rate)
-        self._rng = random.Random(seed)
+        self._rng = random.Random(seed)  # nosec B311  # simulated faults, not security
         self._ids = itertools.count(1)
         self._created = int(time.time())
         self._closing = asyncio.Event()
@@ -288,6 +295,7 @@ class ModelSimulator:
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_get("/v1/models/{name}", self._get_model)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/_sim/timings", self._list_timings)
         runner = web.AppRunner(
             app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
         )
@@ -362,6 +370,19 @@ class ModelSimulator:
         data = [self._model_object(name) for name in self.model_names]
         return self._json({"object": "list", "data": data})
 
+    async def _list_timings(self, request: web.Request) -> web.Response:
+        raw = request.query.get("after", "0")
+        if not raw.isdigit():
+            return self._json(_error_body(400, "after must be a non-negative integer"), status=400)
+        after = int(raw)
+        found: list[dict[str, Any]] = []
+        for record in reversed(self._answered):  # newest first, stop at ``after``
+            if record["seq"] <= after:
+                break
+            found.append(record)
+        found.reverse()
+        return self._json({"timings": found})
+
     async def _get_model(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         if name not in self.model_names:
@@ -376,8 +397,17 @@ class ModelSimulator:
         if len(self.requests) > self.max_recorded:
             del self.requests[: len(self.requests) - self.max_recorded // 2]
 
-    def _record_time(self, rid: str, ms: float) -> None:
+    def _record_time(self, rid: str, ms: float, chat: _ChatRequest) -> None:
         self.timings[rid] = ms
+        text = ""
+        for message in reversed(chat.messages):
+            if message.get("role") == "user":
+                text = extract_content_text(message.get("content"))[0][:_TIMING_TEXT_CHARS]
+                break
+        self._answered_seq += 1
+        self._answered.append(
+            {"seq": self._answered_seq, "request_id": rid, "model_time_ms": ms, "text": text}
+        )
         if len(self.timings) > self.max_recorded:
             for key in list(itertools.islice(self.timings, len(self.timings) // 2)):
                 del self.timings[key]
@@ -436,7 +466,7 @@ class ModelSimulator:
         if delay > 0:
             await asyncio.sleep(delay)
         ms = (time.perf_counter() - started) * 1000.0
-        self._record_time(rid, ms)
+        self._record_time(rid, ms, chat)
         payload = {
             "id": f"chatcmpl-{rid}",
             "object": "chat.completion",
@@ -513,7 +543,7 @@ class ModelSimulator:
                 await response.write(b"".join(event({"content": w}) for w in words[sent:upto]))
                 sent = upto
         ms = (time.perf_counter() - started) * 1000.0
-        self._record_time(rid, ms)
+        self._record_time(rid, ms, chat)
         sim = {"imrelay_sim": {"model_time_ms": ms}}
         if chat.include_usage:
             tail = event({}, finish) + (
