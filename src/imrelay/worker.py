@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ class Worker:
         max_concurrency: int = 64,
         max_pending: int = 10000,
         on_accepted: Callable[[InboundMessage], None] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.inbox = inbox
         self.runner = runner
@@ -81,11 +83,26 @@ class Worker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._on_accepted = on_accepted
+        self._wall_clock = wall_clock
+        metrics.inbox_oldest_age.set_function(self.oldest_age)
 
     @property
     def pending(self) -> int:
         """Messages offered or resumed and not finished."""
         return self._pending
+
+    def oldest_age(self) -> float:
+        """Seconds since the oldest unfinished message was received; 0 when there is none.
+
+        Each conversation's queue is in arrival order, so the oldest message is the head of
+        one of them: this costs one look per active conversation (it runs at each scrape).
+        """
+        heads = [
+            lane.entries[0].message.received_at for lane in self._lanes.values() if lane.entries
+        ]
+        if not heads:
+            return 0.0
+        return max(self._wall_clock() - min(heads), 0.0)
 
     def offer(self, message: InboundMessage) -> asyncio.Future[bool]:
         """Queue ``message`` in its conversation's order and commit it to the inbox.
@@ -101,6 +118,10 @@ class Worker:
         commit.add_done_callback(functools.partial(_relay, outcome))
         self._enqueue(_Entry(message, commit))
         return outcome
+
+    def has_capacity(self) -> bool:
+        """Whether another message can be taken now (webhooks answer 503 when not)."""
+        return self._pending < self.max_pending
 
     async def wait_capacity(self) -> None:
         """Return once fewer than ``max_pending`` messages are pending."""

@@ -4,21 +4,67 @@ Only the CLI calls :func:`configure_logging`; library code uses ``logging.getLog
 and passes ECS fields through ``extra`` (``{"message.id": …, "platform": …}``), usually via
 :func:`message_logger`. A filter masks registered secrets in every record as a last line of
 defence.
+
+While the runner processes a message it binds that message's fields with
+:func:`log_context`; :class:`MessageContextFilter` (installed by :func:`configure_logging`) adds
+them to every line written meanwhile that names no message of its own, so lines from model
+backends, platform APIs or libraries share the message's ``trace.id`` too.
+
+Conversation ids are not logged as such: :func:`conversation_hash` turns them into a short
+stable digest (``conversation.hash``), enough to follow one conversation in a log search without
+writing who talked to whom in clear.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import logging.config
 import sys
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from contextvars import ContextVar
 from typing import Any, Literal, TextIO
 
 import ecs_logging
 
-__all__ = ["ECSFormatter", "SecretMasker", "configure_logging", "message_logger"]
+__all__ = [
+    "ECSFormatter",
+    "MessageContextFilter",
+    "SecretMasker",
+    "configure_logging",
+    "conversation_hash",
+    "log_context",
+    "message_logger",
+]
 
 _ECS_KEYS = ("platform", "message.id")
+
+# the fields of the message the current task is processing (see log_context)
+_MESSAGE_FIELDS: ContextVar[Mapping[str, object] | None] = ContextVar(
+    "imrelay_message_fields", default=None
+)
+
+
+@contextlib.contextmanager
+def log_context(fields: Mapping[str, object] | None) -> Iterator[None]:
+    """Bind a message's log fields to the current context (task) for the ``with`` block."""
+    token = _MESSAGE_FIELDS.set(fields)
+    try:
+        yield
+    finally:
+        _MESSAGE_FIELDS.reset(token)
+
+
+class MessageContextFilter(logging.Filter):
+    """Add the fields bound by :func:`log_context` to records that name no message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = _MESSAGE_FIELDS.get()
+        if fields and "message.id" not in record.__dict__:
+            for key, value in fields.items():
+                record.__dict__.setdefault(key, value)
+        return True
 
 
 class SecretMasker(logging.Filter):
@@ -49,7 +95,9 @@ class ECSFormatter(ecs_logging.StdlibFormatter):
     """ECS JSON, with ``message.id`` kept as a flat key beside the ``message`` text.
 
     ecs-logging expands dotted ``extra`` keys into nested objects, which would turn
-    ``message.id`` into ``{"message": {"id": …}}`` and overwrite the log text.
+    ``message.id`` into ``{"message": {"id": …}}`` and overwrite the log text. A line about a
+    message that names no trace gets ``trace.id`` = its message id, so every line of one
+    message shares a trace id whichever logger wrote it.
     """
 
     def format_to_ecs(self, record: logging.LogRecord) -> dict[str, Any]:
@@ -61,6 +109,9 @@ class ECSFormatter(ecs_logging.StdlibFormatter):
         result: dict[str, Any] = super().format_to_ecs(record)
         if message_id is not None:
             result["message.id"] = message_id
+            trace = result.setdefault("trace", {})
+            if isinstance(trace, dict):
+                trace.setdefault("id", message_id)
         return result
 
 
@@ -103,14 +154,17 @@ def configure_logging(
         {
             "version": 1,
             "disable_existing_loggers": False,
-            "filters": {"secrets": {"()": SecretMasker, "secrets": list(secrets)}},
+            "filters": {
+                "context": {"()": MessageContextFilter},
+                "secrets": {"()": SecretMasker, "secrets": list(secrets)},
+            },
             "formatters": {"main": formatter},
             "handlers": {
                 "main": {
                     "class": "logging.StreamHandler",
                     "stream": stream or sys.stderr,
                     "formatter": "main",
-                    "filters": ["secrets"],
+                    "filters": ["context", "secrets"],
                 }
             },
             "root": {"level": level, "handlers": ["main"]},
@@ -135,12 +189,37 @@ class _MessageAdapter(logging.LoggerAdapter[logging.Logger]):
         return msg, kwargs
 
 
+def conversation_hash(platform: str, conversation_id: str) -> str:
+    """The first 16 hex digits of SHA-256 over ``platform``, a NUL and ``conversation_id``.
+
+    Stable across restarts and replicas (no salt), so one conversation's lines can be found
+    together; the id itself stays out of the logs.
+    """
+    digest = hashlib.sha256(f"{platform}\0{conversation_id}".encode())
+    return digest.hexdigest()[:16]
+
+
 def message_logger(
-    logger: logging.Logger, *, platform: str, message_id: str = "", trace_id: str = ""
+    logger: logging.Logger,
+    *,
+    platform: str,
+    message_id: str = "",
+    trace_id: str = "",
+    conversation: str = "",
 ) -> logging.LoggerAdapter[logging.Logger]:
-    """A logger whose every line carries ``platform``, ``message.id`` and ``trace.id``."""
+    """A logger whose every line carries ``platform``, ``message.id`` and ``trace.id``.
+
+    Args:
+        logger: the module's logger.
+        platform: the configured platform name.
+        message_id: the platform's message id (also the default ``trace.id``).
+        trace_id: a trace id shared by every line of the message, if not the message id.
+        conversation: the conversation id; logged only as ``conversation.hash``.
+    """
     extra: dict[str, object] = {"platform": platform}
     if message_id:
         extra["message.id"] = message_id
         extra["trace.id"] = trace_id or message_id
+    if conversation:
+        extra["conversation.hash"] = conversation_hash(platform, conversation)
     return _MessageAdapter(logger, extra)

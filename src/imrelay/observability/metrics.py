@@ -7,6 +7,10 @@ user or conversation id.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 from prometheus_client import (
@@ -17,9 +21,18 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
-__all__ = ["LATENCY_BUCKETS", "STAGE_BUCKETS", "Metrics"]
+__all__ = [
+    "LATENCY_BUCKETS",
+    "STAGE_BUCKETS",
+    "Metrics",
+    "ProcessLimits",
+    "ProcessLimitsCollector",
+    "read_process_limits",
+]
 
 # Fine resolution below one second for a 500 ms processing SLO, then coarse up to model timeouts.
 LATENCY_BUCKETS: Final = (
@@ -41,6 +54,7 @@ class Metrics:
         r = self.registry
         if process:
             ProcessCollector(registry=r)
+            r.register(ProcessLimitsCollector())
         self.messages_received = Counter(
             "imrelay_messages_received_total",
             "Messages accepted from a platform (after deduplication).",
@@ -84,6 +98,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.gateway_overhead = Histogram(
+            "imrelay_gateway_overhead_seconds",
+            "Processing latency minus model time: what imrelay itself adds (queueing, stages, "
+            "sending).",
+            ["platform"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.stage_latency = Histogram(
             "imrelay_stage_latency_seconds",
             "Time spent in each pipeline stage.",
@@ -109,6 +131,13 @@ class Metrics:
             "imrelay_model_requests_total",
             "Model calls by outcome (ok, timeout, unavailable, error).",
             ["model", "outcome"],
+            registry=r,
+        )
+        self.route_decisions = Counter(
+            "imrelay_route_decisions_total",
+            "Routing decisions by model, deciding step (pin, rule <name>, by_kind.<kind>, "
+            "default) and canary arm (candidate, baseline, none).",
+            ["model", "rule", "canary"],
             registry=r,
         )
         self.model_fallbacks = Counter(
@@ -152,7 +181,153 @@ class Metrics:
             "Messages accepted but not finished yet (queued and in flight).",
             registry=r,
         )
+        # the worker makes this a callback (Gauge.set_function), computed at scrape time
+        self.inbox_oldest_age = Gauge(
+            "imrelay_inbox_oldest_age_seconds",
+            "Age of the oldest message accepted and not finished yet (0 when there is none).",
+            registry=r,
+        )
+        self.sensitive_matches = Counter(
+            "imrelay_sensitive_matches_total",
+            "Sensitive-word matches, by category (from the word lists), direction (inbound, "
+            "outbound) and action (block, mask, flag, withhold).",
+            ["category", "direction", "action"],
+            registry=r,
+        )
+        self.pii_masked = Counter(
+            "imrelay_pii_masked_total",
+            "Personal data entities masked before the text reached a model, by entity type.",
+            ["type"],
+            registry=r,
+        )
 
     def render(self) -> tuple[bytes, str]:
         """Return the exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# Above this a cgroup v1 memory limit means "no limit" (the kernel reports ~2**63 rounded down).
+_V1_UNLIMITED: Final = 2**62
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessLimits:
+    """What the process may use: the denominators of the CPU and memory alerts.
+
+    Attributes:
+        memory_bytes: the cgroup memory limit, or the machine's RAM when there is none (or
+            when it is larger than the RAM).
+        cpu_cores: the cgroup CPU quota in cores, or the CPUs the process may run on.
+    """
+
+    memory_bytes: float
+    cpu_cores: float
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _cgroup_dirs(root: Path, self_cgroup: Path, controller: str | None) -> list[Path]:
+    """The process's own cgroup directory (for ``controller``, None: v2) first, then ``root``."""
+    dirs: list[Path] = []
+    for line in (_read(self_cgroup) or "").splitlines():
+        _, _, rest = line.partition(":")
+        names, _, rel = rest.partition(":")
+        wanted = names == "" if controller is None else controller in names.split(",")
+        if wanted and rel.strip("/"):
+            base = root if controller is None else root / controller
+            dirs.append(base / rel.strip("/"))
+    dirs.append(root if controller is None else root / controller)
+    return dirs
+
+
+def _cgroup_memory(root: Path, self_cgroup: Path) -> float | None:
+    for d in _cgroup_dirs(root, self_cgroup, None):
+        value = _read(d / "memory.max")
+        if value is not None:
+            return None if value == "max" else float(value)
+    for d in _cgroup_dirs(root, self_cgroup, "memory"):
+        value = _read(d / "memory.limit_in_bytes")
+        if value is not None:
+            limit = float(value)
+            return None if limit >= _V1_UNLIMITED else limit
+    return None
+
+
+def _cgroup_cpu(root: Path, self_cgroup: Path) -> float | None:
+    for d in _cgroup_dirs(root, self_cgroup, None):
+        value = _read(d / "cpu.max")
+        if value is not None:
+            quota, _, period = value.partition(" ")
+            return None if quota == "max" else float(quota) / float(period or "100000")
+    for d in _cgroup_dirs(root, self_cgroup, "cpu"):
+        quota_us = _read(d / "cpu.cfs_quota_us")
+        period_us = _read(d / "cpu.cfs_period_us")
+        if quota_us is not None and period_us is not None:
+            return None if int(quota_us) < 0 else float(quota_us) / float(period_us)
+    return None
+
+
+def _physical_memory() -> float:
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _usable_cpus() -> float:
+    return float(len(os.sched_getaffinity(0)))
+
+
+def read_process_limits(
+    *,
+    cgroup_root: Path = Path("/sys/fs/cgroup"),
+    self_cgroup: Path = Path("/proc/self/cgroup"),
+    physical_memory: float | None = None,
+    cpus: float | None = None,
+) -> ProcessLimits:
+    """Read the memory and CPU limits from cgroup v2 or v1, falling back to the machine's.
+
+    Args:
+        cgroup_root: where the cgroup file system is mounted.
+        self_cgroup: the process's cgroup membership file.
+        physical_memory: the machine's RAM in bytes (default: from ``sysconf``).
+        cpus: the CPUs the process may run on (default: its affinity mask).
+
+    Returns:
+        The smaller of the cgroup limit and the machine's resources, for each.
+    """
+    ram = _physical_memory() if physical_memory is None else physical_memory
+    cores = _usable_cpus() if cpus is None else cpus
+    memory = _cgroup_memory(cgroup_root, self_cgroup)
+    quota = _cgroup_cpu(cgroup_root, self_cgroup)
+    return ProcessLimits(
+        memory_bytes=ram if memory is None else min(memory, ram),
+        cpu_cores=cores if quota is None else min(quota, cores),
+    )
+
+
+class ProcessLimitsCollector(Collector):
+    """``imrelay_process_memory_limit_bytes`` and ``imrelay_process_cpu_limit_cores``.
+
+    The limits are read at each scrape (a few small files), so a resized container reports its
+    new limits.
+    """
+
+    def __init__(self, read: Callable[[], ProcessLimits] = read_process_limits) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Yield both gauges."""
+        limits = self.read()
+        yield GaugeMetricFamily(
+            "imrelay_process_memory_limit_bytes",
+            "Memory the process may use: its cgroup limit, else the machine's RAM.",
+            value=limits.memory_bytes,
+        )
+        yield GaugeMetricFamily(
+            "imrelay_process_cpu_limit_cores",
+            "CPU the process may use, in cores: its cgroup quota, else its CPUs.",
+            value=limits.cpu_cores,
+        )

@@ -7,17 +7,23 @@ message is ``dropped`` (or ``failed`` if the Drop says so). A stage raised: the 
 logged with its stack, the configured failure notice is sent if possible (and if no part of an
 answer went out already), and the message is ``failed``. Cancellation (shutdown past the drain
 deadline) leaves the message ``processing``, so the next start resumes it.
+
+Each of the three endings writes one INFO line, ``message <state>``, with the ECS fields an
+operator searches by (``event.outcome``, ``event.reason``, ``event.duration`` from receipt, the
+model's name, outcome and timings): the one per-message line above DEBUG, so that a log
+pipeline has a record of every message without DEBUG's volume. It never holds message text.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
 
 from imrelay.errors import PlatformAPIError
 from imrelay.message import InboundMessage, OutboundReply
-from imrelay.observability.logging import message_logger
+from imrelay.observability.logging import log_context, message_logger
 from imrelay.observability.metrics import Metrics
 from imrelay.pipeline.context import Drop, Stage, TurnContext
 from imrelay.pipeline.filter import DUPLICATE, DedupStage
@@ -27,6 +33,9 @@ from imrelay.stores.base import Inbox, MessageState
 __all__ = ["Runner"]
 
 logger = logging.getLogger(__name__)
+
+_MODEL_DROP: Final = "model_"  # GenerateStage's Drop reasons: model_timeout, model_error, …
+_NS: Final = 1_000_000_000
 
 
 class Runner:
@@ -44,8 +53,10 @@ class Runner:
         include_text: bool = False,
         wall_clock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.perf_counter,
+        on_settled: Callable[[TurnContext, MessageState, str], Awaitable[None]] | None = None,
     ) -> None:
         self.stages = list(stages)
+        self.on_settled = on_settled
         self.sender = sender
         self.inbox = inbox
         self.metrics = metrics
@@ -57,19 +68,25 @@ class Runner:
 
     async def handle(self, message: InboundMessage, *, resumed: bool = False) -> MessageState:
         """Process ``message`` to a final state and return it."""
-        log = message_logger(logger, platform=message.platform, message_id=message.message_id)
+        log = message_logger(
+            logger,
+            platform=message.platform,
+            message_id=message.message_id,
+            conversation=message.conversation.id,
+        )
         ctx = TurnContext(message=message, log=log, resumed=resumed)
-        if self.include_text and logger.isEnabledFor(logging.DEBUG):
-            log.debug("processing %s message: %s", message.kind, message.text)
-        try:
-            state = await self._run(ctx)
-        except PlatformAPIError as exc:
-            log.warning("reply could not be sent: %s", exc)
-            state = await self._settle(ctx, MessageState.FAILED, "send_failed")
-        except Exception:
-            log.exception("message processing failed")
-            await self._notify_failure(ctx)
-            state = await self._settle(ctx, MessageState.FAILED, "internal_error")
+        with log_context(log.extra):  # lines written by the stages' collaborators carry it too
+            if self.include_text and logger.isEnabledFor(logging.DEBUG):
+                log.debug("processing %s message: %s", message.kind, message.text)
+            try:
+                state = await self._run(ctx)
+            except PlatformAPIError as exc:
+                log.warning("reply could not be sent: %s", exc)
+                state = await self._settle(ctx, MessageState.FAILED, "send_failed")
+            except Exception:
+                log.exception("message processing failed")
+                await self._notify_failure(ctx)
+                state = await self._settle(ctx, MessageState.FAILED, "internal_error")
         return state
 
     async def _run(self, ctx: TurnContext) -> MessageState:
@@ -107,6 +124,8 @@ class Runner:
         msg = ctx.message
         latency = max(self.wall_clock() - msg.received_at, 0.0)
         self.metrics.processing_latency.labels(msg.platform).observe(latency)
+        model_s = ctx.generation.total_s if ctx.generation is not None else 0.0
+        self.metrics.gateway_overhead.labels(msg.platform).observe(max(latency - model_s, 0.0))
 
     async def _settle(self, ctx: TurnContext, state: MessageState, reason: str) -> MessageState:
         msg = ctx.message
@@ -116,8 +135,44 @@ class Runner:
             self.metrics.messages_failed.labels(msg.platform, reason).inc()
         await self.inbox.set_state(msg.platform, msg.message_id, state, reason)
         self.dedup.finished(msg.platform, msg.message_id)
-        ctx.log.debug("message %s%s", state.value, f" ({reason})" if reason else "")
+        if self.on_settled is not None:  # e.g. the audit record
+            await self.on_settled(ctx, state, reason)
+        ctx.log.info(
+            "message %s%s",
+            state.value,
+            f" ({reason})" if reason else "",
+            extra=self._handled_fields(ctx, state, reason),
+        )
         return state
+
+    def _handled_fields(
+        self, ctx: TurnContext, state: MessageState, reason: str
+    ) -> dict[str, object]:
+        """ECS fields of the one INFO line per message (see the module docstring)."""
+        elapsed = max(self.wall_clock() - ctx.message.received_at, 0.0)
+        fields: dict[str, object] = {
+            "event.action": "message-handled",
+            "event.outcome": "failure" if state is MessageState.FAILED else "success",
+            "event.duration": int(elapsed * _NS),
+            "imrelay.state": state.value,
+        }
+        if reason:
+            fields["event.reason"] = reason
+        gen = ctx.generation
+        if gen is not None:
+            fields["imrelay.model.name"] = ctx.model_name
+            fields["imrelay.model.outcome"] = "ok"
+            fields["imrelay.model.duration"] = int(gen.total_s * _NS)
+            if gen.first_token_s is not None:
+                fields["imrelay.model.first_token"] = int(gen.first_token_s * _NS)
+            if gen.prompt_tokens is not None:
+                fields["imrelay.model.tokens.prompt"] = gen.prompt_tokens
+            if gen.completion_tokens is not None:
+                fields["imrelay.model.tokens.completion"] = gen.completion_tokens
+        elif reason.startswith(_MODEL_DROP):
+            fields["imrelay.model.name"] = ctx.model_name
+            fields["imrelay.model.outcome"] = reason.removeprefix(_MODEL_DROP)
+        return fields
 
 
 def _notice(ctx: TurnContext, text: str) -> OutboundReply:
