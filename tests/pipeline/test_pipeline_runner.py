@@ -11,6 +11,7 @@ import pytest
 
 from imrelay.errors import ModelTimeout, PlatformAPIError
 from imrelay.message import InboundMessage
+from imrelay.observability.logging import conversation_hash
 from imrelay.observability.metrics import Metrics
 from imrelay.pipeline.command import CommandStage
 from imrelay.pipeline.context import Drop, Stage, TurnContext
@@ -89,6 +90,7 @@ class _Pipeline:
         extra: Sequence[Stage] = (),
         include_text: bool = False,
         markdown: bool = True,
+        streams: bool = False,
     ) -> None:
         self.store = store
         self.platform = platform
@@ -113,6 +115,7 @@ class _Pipeline:
                 system_prompts={"default": "be kind"},
                 metrics=metrics,
                 failure_notice=FAILURE,
+                streams=self.sender.open_stream if streams else None,
             ),
             FormatStage(markdown={PLATFORM: markdown}),
             SendStage(self.sender, store, keep_turns=10, clock=clock),
@@ -479,3 +482,230 @@ async def test_runner_failure_after_delivery_sends_no_apology(
         assert (record.state, record.reason) == (MessageState.FAILED, "internal_error")
     finally:
         await store.aclose()
+
+
+class _TimedBackend:
+    """Wraps a scripted backend and reports ``total_s`` like a real backend does."""
+
+    def __init__(self, inner: Any, total_s: float) -> None:
+        self.name = inner.name
+        self.inner = inner
+        self.total_s = total_s
+        self.prompts = inner.prompts
+
+    async def generate(self, messages: Sequence[Any], result: Any) -> Any:
+        async for delta in self.inner.generate(messages, result):
+            yield delta
+        result.total_s = self.total_s
+
+
+async def test_runner_gateway_overhead_excludes_model_time(
+    build: Callable[..., _Pipeline],
+    make_backend: Callable[..., Any],
+    make_message: Callable[..., InboundMessage],
+    sample: Callable[..., float],
+    clock: Any,
+) -> None:
+    """The overhead histogram observes the end-to-end latency minus the model's total time."""
+    p = build(backend=_TimedBackend(make_backend("default", ["ok"]), total_s=1.0))
+    message = make_message(received_at=clock())
+    clock.advance(2.5)
+    assert await p.handle(message) is MessageState.REPLIED
+    labels = {"platform": PLATFORM}
+    assert sample("imrelay_gateway_overhead_seconds_count", **labels) == 1
+    assert sample("imrelay_gateway_overhead_seconds_sum", **labels) == 1.5
+    # a notice without a model call: the whole latency is overhead
+    clock.advance(0.5)
+    assert await p.handle(make_message("m2", kind="image", text="", received_at=clock() - 0.25))
+    assert sample("imrelay_gateway_overhead_seconds_count", **labels) == 2
+    assert sample("imrelay_gateway_overhead_seconds_sum", **labels) == 1.75
+
+
+def _handled(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    """The extra fields of each INFO ``message-handled`` line captured so far."""
+    return [
+        r.__dict__
+        for r in caplog.records
+        if r.levelno == logging.INFO and r.__dict__.get("event.action") == "message-handled"
+    ]
+
+
+async def test_runner_logs_one_info_line_per_message_with_ecs_fields(
+    build: Callable[..., _Pipeline],
+    make_message: Callable[..., InboundMessage],
+    caplog: pytest.LogCaptureFixture,
+    clock: Any,
+) -> None:
+    """A replied message gets one INFO line with outcome, duration, model fields and hashes."""
+    p = build()
+    message = make_message(received_at=clock(), text="confidential words")
+    clock.advance(0.75)
+    with caplog.at_level(logging.INFO, logger="imrelay.pipeline.runner"):
+        await p.handle(message)
+    (line,) = _handled(caplog)
+    assert line["msg"] % line["args"] == "message replied"
+    assert line["event.outcome"] == "success"
+    assert line["event.duration"] == 750_000_000
+    assert "event.reason" not in line
+    assert line["imrelay.state"] == "replied"
+    assert (line["imrelay.model.name"], line["imrelay.model.outcome"]) == ("default", "ok")
+    assert line["imrelay.model.first_token"] == 10_000_000
+    assert line["imrelay.model.tokens.prompt"] == 7
+    assert line["imrelay.model.tokens.completion"] == 2
+    assert (line["message.id"], line["trace.id"], line["platform"]) == ("m1", "m1", PLATFORM)
+    assert line["conversation.hash"] == conversation_hash(PLATFORM, "cid-1")
+    assert "cid-1" not in str(line["conversation.hash"])
+    assert not any("confidential" in r.getMessage() for r in caplog.records)
+
+
+async def test_runner_handled_line_omits_unknown_model_fields(
+    build: Callable[..., _Pipeline],
+    make_backend: Callable[..., Any],
+    make_message: Callable[..., InboundMessage],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Timings and token counts the model did not report are left out, not logged as zero."""
+    backend = make_backend(
+        "default", ["hi"], first_token_s=None, prompt_tokens=None, completion_tokens=None
+    )
+    p = build(backend=backend)
+    with caplog.at_level(logging.INFO, logger="imrelay.pipeline.runner"):
+        await p.handle(make_message())
+    (line,) = _handled(caplog)
+    assert line["imrelay.model.outcome"] == "ok"
+    for key in ("first_token", "tokens.prompt", "tokens.completion"):
+        assert f"imrelay.model.{key}" not in line
+
+
+async def test_runner_handled_line_for_drops_and_model_failures(
+    build: Callable[..., _Pipeline],
+    make_backend: Callable[..., Any],
+    make_message: Callable[..., InboundMessage],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A drop logs its reason without model fields; a model failure logs the model's outcome."""
+    p = build(backend=make_backend("default", [], error=ModelTimeout("too slow")))
+    with caplog.at_level(logging.INFO, logger="imrelay.pipeline.runner"):
+        await p.handle(make_message("m1", mentions_bot=False))
+        await p.handle(make_message("m2"))
+    dropped, failed = _handled(caplog)
+    assert (dropped["event.outcome"], dropped["event.reason"]) == ("success", "not_mentioned")
+    assert dropped["imrelay.state"] == "dropped"
+    assert not [k for k in dropped if k.startswith("imrelay.model.")]
+    assert (failed["event.outcome"], failed["event.reason"]) == ("failure", "model_timeout")
+    assert (failed["imrelay.model.name"], failed["imrelay.model.outcome"]) == (
+        "default",
+        "timeout",
+    )
+    assert "imrelay.model.duration" not in failed
+
+
+# -- streamed answers --------------------------------------------------------------------
+
+
+class _Stream:
+    """A ReplyStream that records the texts it is shown."""
+
+    def __init__(self) -> None:
+        self.updates: list[str] = []
+        self.finished: list[str] = []
+        self.failed: list[str] = []
+
+    async def update(self, text: str) -> None:
+        self.updates.append(text)
+
+    async def finish(self, text: str) -> None:
+        self.finished.append(text)
+
+    async def fail(self, notice: str) -> None:
+        self.failed.append(notice)
+
+
+def _streaming(platform: Any) -> list[_Stream]:
+    """Give ``platform`` an ``open_stream``; return the list of streams it opens."""
+    opened: list[_Stream] = []
+
+    async def open_stream(message: InboundMessage) -> _Stream:
+        opened.append(_Stream())
+        return opened[-1]
+
+    platform.open_stream = open_stream
+    return opened
+
+
+async def test_runner_streamed_answer_is_recorded_not_sent(
+    build: Callable[..., _Pipeline],
+    make_message: Callable[..., InboundMessage],
+    sample: Callable[..., float],
+) -> None:
+    """A streamed answer is REPLIED and remembered, recorded as part 0, with no plain reply."""
+    p = build(streams=True)
+    opened = _streaming(p.platform)
+    assert await p.handle(make_message()) is MessageState.REPLIED
+    (stream,) = opened
+    assert stream.updates == ["the ", "the answer"]
+    assert stream.finished == ["the answer"]
+    assert p.platform.attempts == 0
+    assert await p.store.was_sent(PLATFORM, "m1", 0)
+    assert sample("imrelay_replies_total", platform=PLATFORM, outcome="sent") == 1
+    history = await p.store.load("dingtalk:cid-1", since=0)
+    assert [t.content for t in history] == ["hello m1", "the answer"]
+
+
+async def test_runner_streamed_model_failure_sends_no_plain_notice(
+    build: Callable[..., _Pipeline],
+    make_message: Callable[..., InboundMessage],
+    make_backend: Callable[..., Any],
+) -> None:
+    """When the model fails, the stream shows the notice and no plain notice follows."""
+    p = build(streams=True, backend=make_backend("default", ["x"], error=ModelTimeout("slow")))
+    opened = _streaming(p.platform)
+    assert await p.handle(make_message()) is MessageState.FAILED
+    (stream,) = opened
+    assert stream.failed == [FAILURE]
+    assert p.platform.attempts == 0
+    record = await p.record()
+    assert record.reason == "model_timeout"
+
+
+async def test_runner_command_notice_opens_no_stream(
+    build: Callable[..., _Pipeline], make_message: Callable[..., InboundMessage]
+) -> None:
+    """A message answered before the generate stage (a command) never opens a stream."""
+    p = build(streams=True)
+    opened = _streaming(p.platform)
+    assert await p.handle(make_message(text="/help")) is MessageState.DROPPED
+    assert opened == []
+    assert p.platform.texts == ["HELP"]
+
+
+async def test_runner_resumed_streamed_answer_not_streamed_again(
+    build: Callable[..., _Pipeline],
+    make_message: Callable[..., InboundMessage],
+    clock: Any,
+) -> None:
+    """A resumed message whose answer was already delivered opens no stream and sends nothing."""
+    p = build(streams=True)
+    opened = _streaming(p.platform)
+    message = make_message()
+    await p.store.put(message)
+    await p.store.set_state(PLATFORM, "m1", MessageState.PROCESSING)
+    await p.store.record_sent(PLATFORM, "m1", 0, clock())
+    assert await p.handle(message, resumed=True) is MessageState.REPLIED
+    assert opened == []
+    assert p.platform.attempts == 0
+
+
+async def test_runner_on_settled_sees_every_final_state(
+    build: Callable[..., _Pipeline], make_message: Callable[..., InboundMessage]
+) -> None:
+    """The settle hook (the audit record) is called once per message with state and reason."""
+    p = build()
+    seen: list[tuple[str, MessageState, str]] = []
+
+    async def hook(ctx: TurnContext, state: MessageState, reason: str) -> None:
+        seen.append((ctx.message.message_id, state, reason))
+
+    p.runner.on_settled = hook
+    assert await p.handle(make_message()) is MessageState.REPLIED
+    assert seen == [("m1", MessageState.REPLIED, "")]

@@ -856,3 +856,296 @@ async def test_history_ignores_the_current_messages_own_turns(
     out = await _history(store, clock)(ctx)
     assert not isinstance(out, Drop)
     assert [t.content for t in out.history] == ["earlier", "earlier answer"]
+
+
+# -- streamed answers (GenerateStage + ReplySender + SendStage) --------------------------
+
+
+class _Stream:
+    """A ReplyStream that records what it is shown; ``finish_error``/``fail_error`` raise."""
+
+    def __init__(
+        self,
+        *,
+        finish_error: Exception | None = None,
+        fail_error: Exception | None = None,
+    ) -> None:
+        self.updates: list[str] = []
+        self.finished: list[str] = []
+        self.failed: list[str] = []
+        self.finish_error = finish_error
+        self.fail_error = fail_error
+
+    async def update(self, text: str) -> None:
+        self.updates.append(text)
+
+    async def finish(self, text: str) -> None:
+        if self.finish_error is not None:
+            raise self.finish_error
+        self.finished.append(text)
+
+    async def fail(self, notice: str) -> None:
+        if self.fail_error is not None:
+            raise self.fail_error
+        self.failed.append(notice)
+
+
+def _opener(stream: _Stream | None, seen: list[Any]) -> Callable[..., Any]:
+    async def open_stream(ctx: TurnContext) -> _Stream | None:
+        seen.append(ctx)
+        return stream
+
+    return open_stream
+
+
+def _streaming_stage(
+    backend: Any, metrics: Metrics, stream: _Stream | None, seen: list[Any]
+) -> Any:
+    return GenerateStage(
+        {"default": backend},
+        system_prompts={},
+        metrics=metrics,
+        failure_notice=FAILURE,
+        streams=_opener(stream, seen),
+    )
+
+
+async def test_generate_stream_gets_every_prefix_then_final_text(
+    make_ctx: Callable[..., Any], make_backend: Callable[..., Any], metrics: Metrics
+) -> None:
+    """Each delta shows the whole text so far; the final text finishes the stream."""
+    stream, seen = _Stream(), []
+    stage = _streaming_stage(make_backend("default", ["你", "好", "!"]), metrics, stream, seen)
+    ctx = make_ctx()
+    ctx.model_name = "default"
+    assert await stage(ctx) is ctx
+    assert seen == [ctx]
+    assert stream.updates == ["你", "你好", "你好!"]
+    assert stream.finished == ["你好!"]
+    assert stream.failed == []
+    assert ctx.streamed
+    assert ctx.answer == "你好!"
+
+
+async def test_generate_stream_declined_keeps_plain_path(
+    make_ctx: Callable[..., Any], make_backend: Callable[..., Any], metrics: Metrics
+) -> None:
+    """When the opener returns None the answer is generated as usual and not streamed."""
+    seen: list[Any] = []
+    stage = _streaming_stage(make_backend("default", ["a", "b"]), metrics, None, seen)
+    ctx = make_ctx()
+    ctx.model_name = "default"
+    assert await stage(ctx) is ctx
+    assert len(seen) == 1
+    assert not ctx.streamed
+    assert ctx.answer == "ab"
+
+
+async def test_generate_stream_empty_answer_finishes_with_placeholder(
+    make_ctx: Callable[..., Any], make_backend: Callable[..., Any], metrics: Metrics
+) -> None:
+    """A blank answer finishes the stream with the same placeholder a reply would carry."""
+    stream = _Stream()
+    stage = _streaming_stage(make_backend("default", ["  "]), metrics, stream, [])
+    ctx = make_ctx()
+    ctx.model_name = "default"
+    await stage(ctx)
+    assert stream.finished == [EMPTY_ANSWER]
+    assert ctx.streamed
+
+
+async def test_generate_stream_not_finished_falls_back_to_reply(
+    make_ctx: Callable[..., Any], make_backend: Callable[..., Any], metrics: Metrics
+) -> None:
+    """If the platform does not accept the final text, the answer goes out as plain parts."""
+    stream = _Stream(finish_error=PlatformAPIError("card gone"))
+    stage = _streaming_stage(make_backend("default", ["x"]), metrics, stream, [])
+    ctx = make_ctx()
+    ctx.model_name = "default"
+    assert await stage(ctx) is ctx
+    assert stream.updates == ["x"]
+    assert not ctx.streamed
+    assert ctx.answer == "x"
+
+
+async def test_generate_model_error_fails_stream_without_extra_notice(
+    make_ctx: Callable[..., Any],
+    make_backend: Callable[..., Any],
+    metrics: Metrics,
+    sample: Callable[..., float],
+) -> None:
+    """A model failure shows the notice in the stream; the Drop then carries no notice."""
+    stream = _Stream()
+    backend = make_backend("default", ["part"], error=ModelTimeout("slow"))
+    stage = _streaming_stage(backend, metrics, stream, [])
+    ctx = make_ctx()
+    ctx.model_name = "default"
+    assert await stage(ctx) == Drop("model_timeout", notice=None, failed=True)
+    assert stream.updates == ["part"]
+    assert stream.failed == [FAILURE]
+    assert stream.finished == []
+    assert not ctx.streamed
+    assert sample("imrelay_model_requests_total", model="default", outcome="timeout") == 1
+
+
+async def test_generate_model_error_stream_refused_sends_notice(
+    make_ctx: Callable[..., Any], make_backend: Callable[..., Any], metrics: Metrics
+) -> None:
+    """When the stream cannot show the failure, the Drop carries the notice as usual."""
+    stream = _Stream(fail_error=PlatformAPIError("card gone"))
+    backend = make_backend("default", [], error=ModelUnavailable("down"))
+    stage = _streaming_stage(backend, metrics, stream, [])
+    ctx = make_ctx()
+    ctx.model_name = "default"
+    assert await stage(ctx) == Drop("model_unavailable", notice=FAILURE, failed=True)
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["stream", "no-stream"])
+async def test_generate_unexpected_error_propagates(
+    make_ctx: Callable[..., Any],
+    make_backend: Callable[..., Any],
+    metrics: Metrics,
+    streaming: bool,
+) -> None:
+    """An error that is not a ModelError propagates; an open stream is marked failed first."""
+    stream = _Stream() if streaming else None
+    backend = make_backend("default", ["x"], error=RuntimeError("bug"))
+    stage = _streaming_stage(backend, metrics, stream, [])
+    ctx = make_ctx()
+    ctx.model_name = "default"
+    with pytest.raises(RuntimeError, match="bug"):
+        await stage(ctx)
+    if stream is not None:
+        assert stream.failed == [FAILURE]
+
+
+async def test_sender_open_stream_without_capability_is_none(
+    store: MemoryStore, clock: Any, platform: Any, metrics: Metrics, make_ctx: Callable[..., Any]
+) -> None:
+    """A platform without ``open_stream`` never streams."""
+    assert await _sender(platform, store, metrics, clock).open_stream(make_ctx()) is None
+
+
+async def test_sender_open_stream_asks_platform(
+    store: MemoryStore, clock: Any, platform: Any, metrics: Metrics, make_ctx: Callable[..., Any]
+) -> None:
+    """A streaming platform is asked with the message; its answer is returned."""
+    stream, asked = _Stream(), []
+
+    async def open_stream(message: Any) -> _Stream:
+        asked.append(message)
+        return stream
+
+    platform.open_stream = open_stream
+    ctx = make_ctx()
+    assert await _sender(platform, store, metrics, clock).open_stream(ctx) is stream
+    assert asked == [ctx.message]
+
+
+@pytest.mark.parametrize(("recorded", "opened"), [(True, False), (False, True)])
+async def test_sender_open_stream_resumed_checks_outbox(
+    store: MemoryStore,
+    clock: Any,
+    platform: Any,
+    metrics: Metrics,
+    make_ctx: Callable[..., Any],
+    recorded: bool,
+    opened: bool,
+) -> None:
+    """A resumed message whose part 0 already went out gets no new stream."""
+    asked: list[Any] = []
+
+    async def open_stream(message: Any) -> _Stream:
+        asked.append(message)
+        return _Stream()
+
+    platform.open_stream = open_stream
+    if recorded:
+        await store.record_sent(PLATFORM, "m1", 0, clock())
+    result = await _sender(platform, store, metrics, clock).open_stream(make_ctx(resumed=True))
+    assert (result is not None) is opened
+    assert len(asked) == int(opened)
+
+
+async def test_send_stage_streamed_answer_recorded_not_sent(
+    store: MemoryStore,
+    clock: Any,
+    platform: Any,
+    metrics: Metrics,
+    sample: Callable[..., float],
+    make_ctx: Callable[..., Any],
+) -> None:
+    """A streamed answer is recorded as every part it would have been, sent once, remembered."""
+    stage = SendStage(_sender(platform, store, metrics, clock), store, keep_turns=4, clock=clock)
+    ctx = _answered(make_ctx)
+    ctx.replies = [OutboundReply(text="a", part=0), OutboundReply(text="b", part=1)]
+    ctx.streamed = True
+    assert await stage(ctx) is ctx
+    assert platform.attempts == 0
+    assert ctx.sent_parts == 1
+    assert await store.was_sent(PLATFORM, "m1", 0)
+    assert await store.was_sent(PLATFORM, "m1", 1)
+    assert sample("imrelay_replies_total", platform=PLATFORM, outcome="sent") == 1
+    history = await store.load("dingtalk:cid-1", since=0)
+    assert [t.content for t in history] == ["question", "answer"]
+
+
+async def test_sender_record_streamed_without_parts_records_part_zero(
+    store: MemoryStore, clock: Any, platform: Any, metrics: Metrics, make_ctx: Callable[..., Any]
+) -> None:
+    """Even with no formatted parts, the streamed answer is recorded as part 0."""
+    ctx = make_ctx()
+    await _sender(platform, store, metrics, clock).record_streamed(ctx, [])
+    assert await store.was_sent(PLATFORM, "m1", 0)
+    assert not await store.was_sent(PLATFORM, "m1", 1)
+    assert ctx.sent_parts == 1
+
+
+class _LateTextBackend:
+    """A backend that yields deltas but fills ``result.text`` only when it ends."""
+
+    name = "late"
+
+    async def generate(self, messages: Any, result: Any) -> Any:
+        for delta in ("one ", "two"):
+            yield delta
+        result.text = "one two"
+
+
+async def test_generate_stream_text_built_from_deltas(
+    make_ctx: Callable[..., Any], metrics: Metrics
+) -> None:
+    """The stream sees the deltas add up even when the backend fills the text only at the end."""
+    stream = _Stream()
+    stage = _streaming_stage(_LateTextBackend(), metrics, stream, [])
+    ctx = make_ctx()
+    ctx.model_name = "default"
+    await stage(ctx)
+    assert stream.updates == ["one ", "one two"]
+    assert stream.finished == ["one two"]
+
+
+async def test_generate_stream_shows_no_reasoning_and_the_safety_view(
+    make_ctx: Callable[..., Any], make_backend: Callable[..., Any], metrics: Metrics
+) -> None:
+    """A streamed answer never shows a <think> block, and each snapshot passes the view."""
+
+    async def view(ctx: TurnContext, text: str) -> str:
+        return text.replace("secret", "******")
+
+    stream = _Stream()
+    stage = GenerateStage(
+        {"default": make_backend("default", ["<think>plan", "</think>", "the secret", " word"])},
+        system_prompts={},
+        metrics=metrics,
+        failure_notice=FAILURE,
+        streams=_opener(stream, []),
+        view=view,
+    )
+    ctx = make_ctx()
+    ctx.model_name = "default"
+    assert await stage(ctx) is ctx
+    assert all(
+        "<think>" not in u and "plan" not in u and "secret" not in u for u in stream.updates
+    )
+    assert stream.finished == ["the ****** word"]

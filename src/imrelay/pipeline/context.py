@@ -52,6 +52,8 @@ class TurnContext:
     sent_parts: int = 0  # reply parts this run delivered (parts skipped as sent before: not)
     user_content: Any = None  # OpenAI content parts for the message (text + images); None: text
     streamed: bool = False  # the answer was delivered while it was generated (e.g. an AI card)
+    route_reason: str = ""  # why the route stage picked ``model_name`` (for logs)
+    system_prompt: str | None = None  # the routing rule's system prompt; None: the model's
 
 
 class Stage(Protocol):

@@ -1,52 +1,48 @@
 """The context stage: load the conversation's recent turns within a token budget.
 
-Token counts here are an estimate (the model's own tokenizer is used when a model directory is
-configured, in a later release): each CJK character counts as one token, and other text as one
-token per four characters, rounded up, plus four tokens of overhead per turn.
+The history is kept in the store (so it survives restarts), per conversation or per sender
+within a group (``context.scope``), for ``context.ttl_s``. The newest turns are kept while
+they fit both ``context.max_turns`` and ``context.max_tokens``; the current message's own
+tokens come out of the budget first. Tokens are counted by a
+:class:`~imrelay.routing.tokens.TokenCounter`: the routed model's own tokenizer when one is
+configured for it, else the default counter (``context.tokenizer``, or the estimate described
+in :mod:`imrelay.routing.tokens`), plus four tokens of overhead per turn (the chat template's
+role markers). Reasoning blocks (``<think>…</think>``) are removed from loaded answers, so a
+history written before they were stripped does not carry them into the prompt.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 from imrelay.pipeline.command import context_key_for
 from imrelay.pipeline.context import Drop, TurnContext
+from imrelay.routing.think import strip_think
+from imrelay.routing.tokens import EstimateCounter, TokenCounter, estimate_tokens
 from imrelay.stores.base import ContextStore, ContextTurn
 
-__all__ = ["HistoryStage", "estimate_tokens", "trim_to_budget"]
+__all__ = ["PER_TURN_OVERHEAD", "HistoryStage", "estimate_tokens", "trim_to_budget"]
 
-_PER_TURN_OVERHEAD = 4
-
-
-def _is_cjk(ch: str) -> bool:
-    code = ord(ch)
-    return (
-        0x4E00 <= code <= 0x9FFF  # CJK unified ideographs
-        or 0x3400 <= code <= 0x4DBF  # extension A
-        or 0x3040 <= code <= 0x30FF  # hiragana, katakana
-        or 0xAC00 <= code <= 0xD7AF  # hangul syllables
-        or 0xF900 <= code <= 0xFAFF  # compatibility ideographs
-        or 0x3000 <= code <= 0x303F  # CJK punctuation
-        or 0xFF00 <= code <= 0xFFEF  # full-width forms
-    )
+PER_TURN_OVERHEAD = 4
+_ESTIMATE = EstimateCounter()
 
 
-def estimate_tokens(text: str) -> int:
-    """Estimate the tokens of ``text`` (see the module docstring)."""
-    cjk = sum(1 for ch in text if _is_cjk(ch))
-    other = len(text) - cjk
-    return cjk + (other + 3) // 4
-
-
-def trim_to_budget(turns: list[ContextTurn], budget: int, max_turns: int) -> list[ContextTurn]:
+def trim_to_budget(
+    turns: list[ContextTurn],
+    budget: int,
+    max_turns: int,
+    counter: TokenCounter = _ESTIMATE,
+) -> list[ContextTurn]:
     """Keep the newest turns that fit both ``budget`` tokens and ``max_turns`` turns.
 
-    The result never starts with an assistant turn (its question was cut off).
+    Each turn costs its tokens by ``counter`` plus :data:`PER_TURN_OVERHEAD`. The result
+    never starts with an assistant turn (its question was cut off).
     """
     kept: list[ContextTurn] = []
     used = 0
     for turn in reversed(turns[-max_turns:] if max_turns else []):
-        cost = estimate_tokens(turn.content) + _PER_TURN_OVERHEAD
+        cost = counter.count(turn.content) + PER_TURN_OVERHEAD
         if used + cost > budget:
             break
         kept.append(turn)
@@ -57,8 +53,26 @@ def trim_to_budget(turns: list[ContextTurn], budget: int, max_turns: int) -> lis
     return kept
 
 
+def _without_reasoning(turn: ContextTurn) -> ContextTurn:
+    if turn.role != "assistant":
+        return turn
+    content = strip_think(turn.content)
+    return turn if content == turn.content else replace(turn, content=content)
+
+
 class HistoryStage:
-    """Attach the conversation's recent history to the turn."""
+    """Attach the conversation's recent history to the turn.
+
+    Args:
+        store: where the history is kept.
+        scope: ``conversation`` or ``sender`` (see :func:`context_key_for`).
+        max_turns: at most this many turns (0: no history, the store is not read).
+        max_tokens: the token budget, the current message included.
+        ttl_s: turns older than this are ignored.
+        clock: epoch seconds.
+        counter: counts tokens when the routed model has no counter of its own.
+        counters: a counter per model name (its own tokenizer).
+    """
 
     name = "context"
 
@@ -71,6 +85,8 @@ class HistoryStage:
         max_tokens: int,
         ttl_s: float,
         clock: Callable[[], float],
+        counter: TokenCounter = _ESTIMATE,
+        counters: Mapping[str, TokenCounter] | None = None,
     ) -> None:
         self.store = store
         self.scope = scope
@@ -78,6 +94,12 @@ class HistoryStage:
         self.max_tokens = max_tokens
         self.ttl_s = ttl_s
         self.clock = clock
+        self.counter = counter
+        self.counters = dict(counters or {})
+
+    def counter_for(self, model: str) -> TokenCounter:
+        """The counter for ``model`` (its own, else the default)."""
+        return self.counters.get(model, self.counter)
 
     async def __call__(self, ctx: TurnContext) -> TurnContext | Drop:
         ctx.context_key = context_key_for(ctx, self.scope)
@@ -86,8 +108,9 @@ class HistoryStage:
         turns = await self.store.load(ctx.context_key, since=self.clock() - self.ttl_s)
         # A message resumed after a crash may already have its own exchange in the history.
         own = ctx.message.message_id
-        turns = [t for t in turns if t.message_id != own]
+        turns = [_without_reasoning(t) for t in turns if t.message_id != own]
+        counter = self.counter_for(ctx.model_name)
         # The current message's own text is part of the budget.
-        budget = self.max_tokens - estimate_tokens(ctx.message.text) - _PER_TURN_OVERHEAD
-        ctx.history = trim_to_budget(turns, max(budget, 0), self.max_turns)
+        budget = self.max_tokens - counter.count(ctx.message.text) - PER_TURN_OVERHEAD
+        ctx.history = trim_to_budget(turns, max(budget, 0), self.max_turns, counter)
         return ctx

@@ -8,6 +8,13 @@ error fails the message. After all parts are sent, the exchange joins the conver
 history, unless this run delivered nothing (a resumed message whose parts had all gone out
 before the restart): the answer just generated was never seen by the user, and the one that
 was seen may already be in the history.
+
+A streamed answer (``ctx.streamed``: shown while generated, e.g. in a DingTalk AI card) was
+delivered by the generate stage; it counts as reply part 0. The send stage records every part
+index of it as sent instead of sending anything, so a restart after that point sends nothing
+again. :meth:`ReplySender.open_stream` opens such a stream only when part 0 of a resumed
+message is not recorded yet: an answer that already went out (streamed or not) is not
+streamed a second time.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from imrelay.errors import PlatformAPIError, RateLimited
 from imrelay.message import OutboundReply
 from imrelay.observability.metrics import Metrics
 from imrelay.pipeline.context import Drop, TurnContext
-from imrelay.platforms.base import Platform
+from imrelay.platforms.base import Platform, ReplyStream
 from imrelay.stores.base import ContextStore, ContextTurn, Outbox
 
 __all__ = ["ReplySender", "SendStage"]
@@ -50,6 +57,34 @@ class ReplySender:
         self.deadline_s = deadline_s
         self.clock = clock
         self.sleep = sleep
+
+    async def open_stream(self, ctx: TurnContext) -> ReplyStream | None:
+        """Open a streamed answer to ``ctx.message`` when its platform can stream one.
+
+        Returns:
+            The stream; ``None`` when the platform does not stream (no ``open_stream``, or it
+            declined) or when part 0 of a resumed message was already sent.
+        """
+        msg = ctx.message
+        opener = getattr(self.platforms.get(msg.platform), "open_stream", None)
+        if opener is None:
+            return None
+        if ctx.resumed and await self.outbox.was_sent(msg.platform, msg.message_id, 0):
+            return None
+        stream: ReplyStream | None = await opener(msg)
+        return stream
+
+    async def record_streamed(self, ctx: TurnContext, replies: Sequence[OutboundReply]) -> None:
+        """Record a streamed answer as delivered: part 0 and every other part of ``replies``.
+
+        Nothing is sent; the answer counts as one part sent by this run.
+        """
+        msg = ctx.message
+        ctx.sent_parts += 1
+        now = self.clock()
+        for part in sorted({0, *(reply.part for reply in replies)}):
+            await self.outbox.record_sent(msg.platform, msg.message_id, part, now)
+        self.metrics.replies.labels(msg.platform, "sent").inc()
 
     async def send_all(self, ctx: TurnContext, replies: Sequence[OutboundReply]) -> None:
         """Send every part not recorded as sent yet.
@@ -82,7 +117,7 @@ class ReplySender:
                 if not exc.retryable or attempt >= self.max_attempts:
                     self.metrics.replies.labels(ctx.message.platform, "failed").inc()
                     raise
-                delay = self.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random() / 2)
+                delay = self.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random() / 2)  # nosec B311  # retry jitter
                 if isinstance(exc, RateLimited):
                     delay = max(delay, exc.retry_after)
                 if self.clock() + delay > deadline:
@@ -93,7 +128,7 @@ class ReplySender:
 
 
 class SendStage:
-    """Send the formatted parts, then remember the exchange in the conversation's history."""
+    """Send the formatted parts (or record a streamed answer), then remember the exchange."""
 
     name = "send"
 
@@ -111,7 +146,10 @@ class SendStage:
         self.clock = clock
 
     async def __call__(self, ctx: TurnContext) -> TurnContext | Drop:
-        await self.sender.send_all(ctx, ctx.replies)
+        if ctx.streamed:
+            await self.sender.record_streamed(ctx, ctx.replies)
+        else:
+            await self.sender.send_all(ctx, ctx.replies)
         if ctx.remember and ctx.sent_parts and self.keep_turns > 0 and ctx.context_key:
             now = self.clock()
             await self.history.append(
