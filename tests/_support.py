@@ -56,6 +56,7 @@ def gateway_settings(
                 "backoff_initial_s": 0.05,
                 "backoff_max_s": 0.3,
                 "healthy_after_s": 1.0,
+                "rate_limit": {"per_conversation_per_minute": 100000, "app_qps": 1000},
             }
         },
         "models": {
@@ -68,6 +69,12 @@ def gateway_settings(
         },
         "routing": {"default": "default"},
         "pipeline": {"drain_timeout_s": 5},
+        # Inbound rate limits are exercised by their own tests; here they would only slow
+        # the floods some tests send from one user.
+        "security": {
+            "audit": {"url": f"sqlite:///{db.parent / (db.stem + '-audit.db')}"},
+            "rate_limit": {"enabled": False},
+        },
     }
     for dotted, value in overrides.items():
         node = data

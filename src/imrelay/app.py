@@ -23,24 +23,47 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from imrelay import __version__
 from imrelay.config import Settings
-from imrelay.errors import AuthError, StoreError
+from imrelay.errors import AuthError, ConfigError, StoreError
 from imrelay.models import FallbackChain, build_model
 from imrelay.models.base import ModelBackend
 from imrelay.observability.metrics import Metrics
 from imrelay.pipeline.command import CommandStage
-from imrelay.pipeline.context import Stage
+from imrelay.pipeline.context import Stage, TurnContext
 from imrelay.pipeline.filter import AccessStage, DedupStage, KindStage
 from imrelay.pipeline.format import FormatStage
+from imrelay.pipeline.guard import (
+    AdminCommandStage,
+    MemoryModelPins,
+    PermissionStage,
+    RateLimitStage,
+    audit_settled,
+)
 from imrelay.pipeline.history import HistoryStage
+from imrelay.pipeline.media import Fetch, MediaStage
 from imrelay.pipeline.model import GenerateStage
 from imrelay.pipeline.route import RouteStage
 from imrelay.pipeline.runner import Runner
+from imrelay.pipeline.safety import build_safety_stages
 from imrelay.pipeline.send import ReplySender, SendStage
+from imrelay.pipeline.think import ThinkStage
 from imrelay.platforms.base import Platform
 from imrelay.platforms.dingtalk.connector import DingTalkConnector
+from imrelay.routing.canary import (
+    CanaryBook,
+    CanaryController,
+    CanaryStateFile,
+    canary_state_path,
+)
+from imrelay.routing.rules import Router
+from imrelay.routing.tokens import load_token_counter
+from imrelay.security.access import AccessPolicy
+from imrelay.security.audit import AuditLog
+from imrelay.security.pii import PIIMasker
+from imrelay.security.words import WordFilter
 from imrelay.stores import open_store
-from imrelay.stores.base import Store
+from imrelay.stores.base import MessageState, Store
 from imrelay.worker import Worker
 
 __all__ = ["Gateway", "build_platforms"]
@@ -86,6 +109,11 @@ class Gateway:
         self._web: web.AppRunner | None = None
         self._intake: dict[str, asyncio.Task[None]] = {}
         self.fatal: asyncio.Future[BaseException] | None = None
+        self.audit: AuditLog | None = None
+        self._pins = MemoryModelPins()
+        self.canary_book = CanaryBook(CanaryStateFile(None))
+        self.canaries: CanaryController | None = None
+        self._canary_task: asyncio.Task[None] | None = None
         self._stopped = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -100,11 +128,25 @@ class Gateway:
             dedup_ttl_s=s.storage.dedup_ttl_s,
         )
         await self.store.open()
+        if s.security.audit.enabled:
+            self.audit = AuditLog.from_settings(s.security.audit, clock=self.wall_clock)
+            await self.audit.open()
+        try:
+            state_path = canary_state_path(s.storage.url)
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="storage.url") from None
+        self.canary_book = CanaryBook(CanaryStateFile(state_path))
+        await asyncio.to_thread(self.canary_book.load)
         self.http = aiohttp.ClientSession(timeout=_HTTP_TIMEOUT)
         self.models = self._models or {name: build_model(name, m) for name, m in s.models.items()}
         self.platforms = build_platforms(s, self.http, self.metrics)
         self.worker = self._build_worker()
         await self.worker.resume()
+        self.canaries = CanaryController(
+            s.routing, self.canary_book, self.metrics, audit=self.audit, clock=self.wall_clock
+        )
+        if self.canaries.canaries:
+            self._canary_task = asyncio.create_task(self.canaries.run(), name="canary")
         await self._start_web()
         for name, platform in self.platforms.items():
             task = asyncio.create_task(platform.run(self.worker), name=f"intake:{name}")
@@ -119,19 +161,44 @@ class Gateway:
         )
 
     def _build_worker(self) -> Worker:
+        """The pipeline, in the order DESIGN §1 gives, and the worker that runs it."""
         s = self.settings
+        sec = s.security
+        by_kind: dict[str, str] = dict(s.routing.by_kind.items())
         dedup = DedupStage(self.store)
         sender = ReplySender(self.platforms, self.store, self.metrics, clock=self.wall_clock)
+        policy = AccessPolicy(sec.access)
+        words = WordFilter(sec.words) if sec.words.files else None
+        pii = PIIMasker(sec.pii) if sec.pii.enabled else None
+        inbound_safety, outbound_safety = build_safety_stages(words, pii, metrics=self.metrics)
+        self._pins = MemoryModelPins()
+        router = Router(s.routing, pins=self._pins, models=s.models, canaries=self.canary_book)
         stages: list[Stage] = [
             dedup,
             AccessStage(group_require_mention=s.pipeline.group_require_mention),
-            KindStage(unsupported_notice=s.pipeline.unsupported_notice),
+            *(
+                [RateLimitStage(sec.rate_limit, audit=self.audit, exempt=policy.is_admin)]
+                if sec.rate_limit.enabled
+                else []
+            ),
+            PermissionStage(policy, notice=sec.access.denied_notice, audit=self.audit),
+            KindStage(unsupported_notice=s.pipeline.unsupported_notice, routes=by_kind),
+            AdminCommandStage(
+                policy,
+                denied_notice=sec.access.admin_denied_notice,
+                audit=self.audit,
+                status=self._status_text,
+                pins=self._pins,
+                models=list(s.models),
+            ),
+            inbound_safety,
             CommandStage(
                 self.store,
                 scope=s.context.scope,
                 help_text=s.pipeline.help_text,
                 reset_notice=s.pipeline.reset_notice,
             ),
+            RouteStage(router, metrics=self.metrics),
             HistoryStage(
                 self.store,
                 scope=s.context.scope,
@@ -139,22 +206,32 @@ class Gateway:
                 max_tokens=s.context.max_tokens,
                 ttl_s=s.context.ttl_s,
                 clock=self.wall_clock,
+                counter=load_token_counter(s.context.tokenizer),
             ),
-            RouteStage(default=s.routing.default, by_kind=dict(s.routing.by_kind.items())),
+            MediaStage(self._media_fetchers(), routes=by_kind, notice=s.pipeline.failure_notice),
             GenerateStage(
                 self._routed_models(),
                 system_prompts={name: m.system_prompt for name, m in s.models.items()},
                 metrics=self.metrics,
                 failure_notice=s.pipeline.failure_notice,
+                streams=sender.open_stream,
+                view=outbound_safety.view,
             ),
+            ThinkStage(),
             FormatStage(
-                markdown={
-                    name: getattr(p, "reply_format", "markdown") == "markdown"
-                    for name, p in s.platforms.items()
-                }
+                markdown={name: p.reply_format == "markdown" for name, p in s.platforms.items()},
+                max_chars={name: p.reply.max_chars for name, p in s.platforms.items()},
             ),
+            outbound_safety,
             SendStage(sender, self.store, keep_turns=s.context.max_turns, clock=self.wall_clock),
         ]
+        audit = self.audit
+        mask = (lambda text: pii.mask(text).text) if pii is not None else None
+
+        async def on_settled(ctx: TurnContext, state: MessageState, reason: str) -> None:
+            if audit is not None:
+                await audit_settled(audit, ctx, state.value, reason, mask=mask)
+
         runner = Runner(
             stages,
             sender=sender,
@@ -164,6 +241,7 @@ class Gateway:
             failure_notice=s.pipeline.failure_notice,
             include_text=s.logging.include_text,
             wall_clock=self.wall_clock,
+            on_settled=on_settled if audit is not None else None,
         )
         return Worker(
             self.store,
@@ -171,6 +249,27 @@ class Gateway:
             self.metrics,
             max_concurrency=s.pipeline.max_concurrency,
             max_pending=s.pipeline.max_pending,
+            wall_clock=self.wall_clock,
+        )
+
+    def _media_fetchers(self) -> dict[str, Fetch]:
+        """The download function of each platform that has media."""
+        fetchers: dict[str, Fetch] = {}
+        for name, platform in self.platforms.items():
+            fetch = getattr(platform, "fetch_media", None)
+            if fetch is not None:
+                fetchers[name] = fetch
+        return fetchers
+
+    async def _status_text(self) -> str:
+        """The answer to ``/status`` (admins only)."""
+        counts = await self.store.counts()
+        problems = await self.readiness()
+        state = "NOT ready: " + "; ".join(problems) if problems else "ready"
+        return (
+            f"imrelay {__version__}: {state}. "
+            f"Messages: {', '.join(f'{k.value} {v}' for k, v in counts.items())}. "
+            f"Models: {', '.join(self.models)}."
         )
 
     def _routed_models(self) -> dict[str, ModelBackend]:
@@ -209,6 +308,10 @@ class Gateway:
         for task in self._intake.values():
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self._canary_task is not None:
+            self._canary_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._canary_task
         for platform in self.platforms.values():
             await platform.aclose()
         drained = True
@@ -221,6 +324,8 @@ class Gateway:
                 await model.aclose()
         if self.http is not None:
             await self.http.close()
+        if self.audit is not None:
+            await self.audit.aclose()
         if hasattr(self, "store"):
             await self.store.aclose()
         logger.info("gateway stopped%s", "" if drained else " (unfinished work left in the inbox)")
@@ -233,6 +338,9 @@ class Gateway:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        for name, platform in self.platforms.items():
+            if platform.ingress == "webhook":
+                app.router.add_post(f"/webhooks/{name}", platform.handle_webhook)
         self._web = web.AppRunner(app, access_log=None)
         await self._web.setup()
         site = web.TCPSite(self._web, self.settings.server.host, self.settings.server.port)

@@ -37,6 +37,7 @@ from pydantic import (
 from imrelay.errors import ConfigError
 from imrelay.security.access import AccessSettings
 from imrelay.security.audit import AuditSettings
+from imrelay.security.pii import PIISettings
 from imrelay.security.ratelimit import RateLimitSettings
 from imrelay.security.secrets import (
     SecretsSettings,
@@ -44,8 +45,10 @@ from imrelay.security.secrets import (
     has_secret_refs,
     resolve_secret_refs,
 )
+from imrelay.security.words import WordsSettings
 
 __all__ = [
+    "CanarySettings",
     "ContextSettings",
     "DingTalkRateLimitSettings",
     "DingTalkReplySettings",
@@ -57,6 +60,8 @@ __all__ = [
     "PipelineSettings",
     "PlatformSettings",
     "RoutingSettings",
+    "RuleMatchSettings",
+    "RuleSettings",
     "SecuritySettings",
     "ServerSettings",
     "Settings",
@@ -201,14 +206,101 @@ class EchoModelSettings(_Section):
 ModelSettings = Annotated[OpenAIModelSettings | EchoModelSettings, Field(discriminator="type")]
 
 
+def _as_str_list(value: object) -> object:
+    """One string or number for a list of ids; YAML reads numeric ids as integers."""
+    if isinstance(value, str | int):
+        value = [value]
+    if isinstance(value, list):
+        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    return value
+
+
+class RuleMatchSettings(_Section):
+    """What a routing rule matches: every key given must match (a list matches any member)."""
+
+    platform: list[str] = Field(default_factory=list)
+    conversation: list[str] = Field(default_factory=list)
+    group: list[str] = Field(default_factory=list)
+    user: list[str] = Field(default_factory=list)
+    department: list[str] = Field(default_factory=list)
+    kind: list[Literal["text", "image", "audio", "video", "file", "rich", "code"]] = Field(
+        default_factory=list
+    )
+    keyword: list[str] = Field(default_factory=list)
+    regex: str | None = None
+
+    @field_validator(
+        "platform", "conversation", "group", "user", "department", "keyword", mode="before"
+    )
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _as_str_list(value)
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _kinds(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("keyword")
+    @classmethod
+    def _no_empty_keyword(cls, value: list[str]) -> list[str]:
+        if any(not k.strip() for k in value):
+            raise ValueError("a keyword cannot be empty")
+        return value
+
+    @field_validator("regex")
+    @classmethod
+    def _valid_regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
+class CanarySettings(_Section):
+    """Send part of a rule's traffic to a candidate model, and roll back if it does worse."""
+
+    model: str = Field(min_length=1)
+    percent: float = Field(0.0, ge=0, le=100)
+    groups: list[str] = Field(default_factory=list)
+    max_error_rate_delta: float = Field(0.05, ge=0, le=1)
+    max_latency_ratio: float = Field(1.5, ge=1)
+    min_requests: int = Field(20, ge=1)
+    window_s: float = Field(300.0, gt=0)
+
+    @field_validator("groups", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _as_str_list(value)
+
+    @model_validator(mode="after")
+    def _some_traffic(self) -> CanarySettings:
+        if self.percent == 0 and not self.groups:
+            raise ValueError("a canary needs a percent above 0 or a list of groups")
+        return self
+
+
+class RuleSettings(_Section):
+    """One routing rule: messages it matches go to ``model`` (or its canary)."""
+
+    name: str | None = Field(None, min_length=1)
+    match: RuleMatchSettings = Field(default_factory=RuleMatchSettings)
+    model: str = Field(min_length=1)
+    system_prompt: str | None = None
+    canary: CanarySettings | None = None
+
+
 class RoutingSettings(_Section):
     """Which model answers which message."""
 
     default: str = "default"
-    by_kind: dict[Literal["text", "image", "audio", "video", "file", "rich"], str] = Field(
+    by_kind: dict[Literal["text", "image", "audio", "video", "file", "rich", "code"], str] = Field(
         default_factory=dict
     )
     fallback: dict[str, list[str]] = Field(default_factory=dict)
+    rules: list[RuleSettings] = Field(default_factory=list)
 
 
 class PipelineSettings(_Section):
@@ -234,6 +326,7 @@ class ContextSettings(_Section):
     max_tokens: int = Field(3000, ge=1)
     ttl_s: float = Field(86400.0, gt=0)
     scope: Literal["conversation", "sender"] = "conversation"
+    tokenizer: str | None = None
 
 
 class LoggingSettings(_Section):
@@ -247,6 +340,8 @@ class LoggingSettings(_Section):
 class SecuritySettings(_Section):
     """Audit log, access control, inbound rate limits and the encrypted secret store."""
 
+    words: WordsSettings = Field(default_factory=WordsSettings)
+    pii: PIISettings = Field(default_factory=PIISettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     access: AccessSettings = Field(default_factory=AccessSettings)
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
@@ -286,6 +381,23 @@ class Settings(_Section):
                     raise ValueError(
                         f"routing.fallback.{model}: a model cannot fall back to itself"
                     )
+        seen: set[str] = set()
+        for i, rule in enumerate(self.routing.rules):
+            where = f"routing.rules.{i}"
+            if rule.model not in names:
+                raise ValueError(f"{where}.model: unknown model {rule.model!r}")
+            if rule.name is not None:
+                if rule.name in seen:
+                    raise ValueError(f"{where}.name: another rule has the name {rule.name!r}")
+                seen.add(rule.name)
+            if rule.canary is None:
+                continue
+            if rule.name is None:
+                raise ValueError(f"{where}.name: a rule with a canary needs a name")
+            if rule.canary.model not in names:
+                raise ValueError(f"{where}.canary.model: unknown model {rule.canary.model!r}")
+            if rule.canary.model == rule.model:
+                raise ValueError(f"{where}.canary.model: the candidate is the rule's own model")
         return self
 
 

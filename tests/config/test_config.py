@@ -35,8 +35,10 @@ from imrelay.config import (
 from imrelay.errors import ConfigError
 from imrelay.security.access import AccessRule, AccessSettings
 from imrelay.security.audit import AuditSettings
+from imrelay.security.pii import CustomPattern, PIISettings
 from imrelay.security.ratelimit import RateLimitSettings
 from imrelay.security.secrets import SecretsSettings
+from imrelay.security.words import CategoryAction, WordsSettings
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SECRET = "s3cr3t-Value-9f8e7d"
@@ -159,6 +161,10 @@ def test_docs_configuration_lists_every_key() -> None:
         ContextSettings,
         LoggingSettings,
         SecuritySettings,
+        WordsSettings,
+        CategoryAction,
+        PIISettings,
+        CustomPattern,
         AuditSettings,
         AccessSettings,
         AccessRule,
@@ -594,7 +600,7 @@ def test_parse_settings_guide_sections_must_be_mappings() -> None:
             lambda d: d.update(routing={"by_kind": {"picture": "default"}}),
             [
                 "config error: routing.by_kind.picture: invalid key: input should be 'text', "
-                "'image', 'audio', 'video', 'file' or 'rich'"
+                "'image', 'audio', 'video', 'file', 'rich' or 'code'"
             ],
             id="bad-dict-key",
         ),

@@ -120,10 +120,16 @@ async def test_all_models_failing_sends_the_apology(
             await wait_for(lambda: len(dingtalk_sim.replies()) == 1, timeout=15)
             assert answers(dingtalk_sim) == [settings.pipeline.failure_notice]
             reg = gw.metrics.registry
-            failed = reg.get_sample_value(
-                "imrelay_messages_failed_total",
-                {"platform": "dingtalk", "reason": "model_error"},
+            # The apology goes out before the message's final state is recorded.
+            await wait_for(
+                lambda: (
+                    reg.get_sample_value(
+                        "imrelay_messages_failed_total",
+                        {"platform": "dingtalk", "reason": "model_error"},
+                    )
+                    == 1.0
+                ),
+                what="the failure to be recorded",
             )
-            assert failed == 1.0
         finally:
             await gw.stop()

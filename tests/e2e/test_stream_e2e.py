@@ -288,17 +288,17 @@ async def _reopen_state(gw: Gateway, msg_id: str) -> MessageState | None:
         await store.aclose()
 
 
-async def test_expired_session_webhook_is_not_used_and_failure_recorded(
+async def test_expired_session_webhook_falls_back_to_openapi(
     model_sim: ModelSimulator, tmp_path: Path
 ) -> None:
-    """A message whose sessionWebhook has expired gets no send attempt; its failure is recorded."""
+    """A message whose sessionWebhook has expired is answered through the OpenAPI instead."""
     import time
 
     from prometheus_client import CollectorRegistry
 
     # The simulator's clock runs two hours behind: its sessions expire 90 minutes after
     # createAt, so by the gateway's clock every session webhook is already past its expiry
-    # (while the simulator itself would still accept it, so a send would show up).
+    # (while the simulator itself would still accept it, so a webhook send would show up).
     async with DingTalkSimulator(clock=lambda: time.time() - 7200) as sim:
         gw = Gateway(
             gateway_settings(sim, model_sim, tmp_path / "exp.db"), registry=CollectorRegistry()
@@ -306,14 +306,12 @@ async def test_expired_session_webhook_is_not_used_and_failure_recorded(
         await gw.start()
         try:
             await wait_for(lambda: sim.active_connections() == 1)
-            ids = await sim.send_message("too late")
-            await wait_for(lambda: _state(gw, ids["msg_id"], MessageState.FAILED))
-            record = await gw.store.get("dingtalk", ids["msg_id"])
-            assert record is not None
-            assert record.reason == "send_failed"
-            assert sim.replies(ids["msg_id"]) == []
-            text = (await _metrics(gw)).decode()
-            assert 'imrelay_replies_total{outcome="failed",platform="dingtalk"} 1.0' in text
+            ids = await sim.send_message("too late", sender_id="staff-late")
+            await wait_for(lambda: _state(gw, ids["msg_id"], MessageState.REPLIED))
+            assert sim.replies(ids["msg_id"]) == []  # not through the expired webhook
+            (reply,) = [r for r in sim.replies() if r["body"].get("via") == "openapi"]
+            assert "echo: too late" in reply_text(reply)
+            assert reply["conversation_id"] == sim.direct_conversation_id("staff-late")
         finally:
             await gw.stop()
 

@@ -68,6 +68,10 @@ def gateway_config(
         "routing": routing or {"default": "default"},
         "pipeline": {"max_concurrency": 16, "drain_timeout_s": 2, **(pipeline or {})},
         "logging": {"format": "text", "level": "WARNING"},
+        "security": {
+            "audit": {"url": f"sqlite:///{tmp / 'faults-audit.db'}"},
+            "rate_limit": {"enabled": False},
+        },
     }
     path = tmp / "faults.json"
     path.write_text(json.dumps(config))

@@ -67,6 +67,7 @@ def demo_config(
         },
         "routing": {"default": "default"},
         "logging": {"format": "text", "level": "INFO"},
+        "security": {"audit": {"url": f"sqlite:///{db.with_name('audit.db')}"}},
     }
 
 
