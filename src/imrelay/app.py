@@ -61,6 +61,7 @@ from imrelay.routing.tokens import load_token_counter
 from imrelay.security.access import AccessPolicy
 from imrelay.security.audit import AuditLog
 from imrelay.security.pii import PIIMasker
+from imrelay.security.secrets import SecretAgeCollector, SecretStore
 from imrelay.security.words import WordFilter
 from imrelay.stores import open_store
 from imrelay.stores.base import MessageState, Store
@@ -137,6 +138,7 @@ class Gateway:
             raise ConfigError(str(exc), key="storage.url") from None
         self.canary_book = CanaryBook(CanaryStateFile(state_path))
         await asyncio.to_thread(self.canary_book.load)
+        self._watch_secret_ages()
         self.http = aiohttp.ClientSession(timeout=_HTTP_TIMEOUT)
         self.models = self._models or {name: build_model(name, m) for name, m in s.models.items()}
         self.platforms = build_platforms(s, self.http, self.metrics)
@@ -159,6 +161,18 @@ class Gateway:
             s.server.host,
             self.port,
         )
+
+    def _watch_secret_ages(self) -> None:
+        """Export ``imrelay_secret_age_seconds`` when an encrypted secret store is in use."""
+        conf = self.settings.security.secrets
+        if not os.path.exists(conf.path):
+            return
+        try:
+            store = SecretStore.from_settings(conf, environ=os.environ)
+        except ConfigError as exc:
+            logger.warning("secret store %s not readable, ages not exported: %s", conf.path, exc)
+            return
+        self.metrics.registry.register(SecretAgeCollector(store, clock=self.wall_clock))
 
     def _build_worker(self) -> Worker:
         """The pipeline, in the order DESIGN §1 gives, and the worker that runs it."""

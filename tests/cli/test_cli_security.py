@@ -25,17 +25,9 @@ from imrelay.security.secrets import SecretStore, generate_key, resolve_secret_r
 
 VALUE = "dt-app-secret-7f3a9c1e"
 NEW_VALUE = "dt-app-secret-rotated-42"
-# The sub-apps run in a subprocess exactly as `imrelay secrets …` will once registered.
-SECRETS = [
-    sys.executable,
-    "-c",
-    "from imrelay.cli.secrets import secrets_app; secrets_app(prog_name='imrelay secrets')",
-]
-AUDIT = [
-    sys.executable,
-    "-c",
-    "from imrelay.cli.audit import audit_app; audit_app(prog_name='imrelay audit')",
-]
+# The sub-apps run in a subprocess exactly as a user runs them.
+SECRETS = [sys.executable, "-m", "imrelay", "secrets"]
+AUDIT = [sys.executable, "-m", "imrelay", "audit"]
 
 
 def run(
@@ -337,3 +329,86 @@ def test_cli_audit_usage_errors(tmp_path: Path, cli: CliRunner) -> None:
         result = cli.invoke(audit_app, args)
         assert result.exit_code == 2, args
         assert message in result.output, args
+
+
+async def test_cli_secret_is_used_by_the_gateway_and_never_printed(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """A secret set with `imrelay secrets` reaches DingTalk, never output, logs or /metrics."""
+    import aiohttp
+
+    from imrelay.sim.dingtalk import DingTalkSimulator
+    from imrelay.sim.model import ModelSimulator
+
+    secret = "sim-secret-from-store-5b2e"
+    async with (
+        DingTalkSimulator(app_secret=secret) as dt,
+        ModelSimulator() as model,
+    ):
+        assert (
+            run(SECRETS, "set", "dingtalk_app", "--value-stdin", env=env, stdin=secret).returncode
+            == 0
+        )
+        port = _free_port()
+        config = tmp_path / "imrelay.json"
+        config.write_text(json.dumps({
+            "server": {"host": "127.0.0.1", "port": port},
+            "storage": {"url": f"sqlite:///{tmp_path / 'g.db'}"},
+            "platforms": {"dingtalk": {
+                "type": "dingtalk", "app_key": dt.app_key, "app_secret": "secret:dingtalk_app",
+                "api_base": dt.base_url,
+            }},
+            "models": {"default": {
+                "type": "openai", "base_url": model.base_url, "model": "sim-model",
+            }},
+            "security": {
+                "secrets": {"path": env["IMRELAY_SECRETS_FILE"]},
+                "audit": {"url": f"sqlite:///{tmp_path / 'audit.db'}"},
+            },
+            "logging": {"level": "DEBUG"},
+        }))  # fmt: skip
+        full_env = {**os.environ, **env}
+        check = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "imrelay", "check", "-c", str(config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=full_env,
+        )  # fmt: skip
+        check_out, check_err = await asyncio.wait_for(check.communicate(), 60)
+        assert check.returncode == 0, check_out.decode() + check_err.decode()
+        gateway = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "imrelay", "run", "-c", str(config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=full_env,
+        )  # fmt: skip
+        try:
+            deadline = asyncio.get_running_loop().time() + 30
+            while dt.active_connections() < 1:  # the stored secret opened the connection
+                assert asyncio.get_running_loop().time() < deadline, "gateway never connected"
+                assert gateway.returncode is None
+                await asyncio.sleep(0.05)
+            ids = await dt.send_message("hello")
+            while not dt.replies(ids["msg_id"]):
+                assert asyncio.get_running_loop().time() < deadline, "no reply"
+                await asyncio.sleep(0.05)
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{port}/metrics") as resp,
+            ):
+                metrics = await resp.text()
+            gateway.terminate()
+            out, err = await asyncio.wait_for(gateway.communicate(), 30)
+        finally:
+            if gateway.returncode is None:
+                gateway.kill()
+                await gateway.wait()
+    printed = b"".join((check_out, check_err, out, err)).decode()
+    assert 'imrelay_secret_age_seconds{name="dingtalk_app"}' in metrics
+    assert secret not in metrics
+    assert secret not in printed
+    assert "message-handled" in printed  # the logs were really read
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

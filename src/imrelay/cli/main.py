@@ -74,6 +74,9 @@ def secrets_of(settings: Settings) -> list[str]:
         key = getattr(model, "api_key", None)
         if key is not None:
             values.append(key.get_secret_value())
+    audit_key = settings.security.audit.hmac_key
+    if audit_key is not None:
+        values.append(audit_key.get_secret_value())
     return [v for v in values if v]
 
 
@@ -179,6 +182,7 @@ async def _probe_all(settings: Settings) -> list[tuple[str, str, bool, str]]:
             rows.append(("model", name, False, str(exc) or type(exc).__name__))
         finally:
             await backend.aclose()
+    rows.extend(_secret_rows(settings))
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
         try:
             platforms = build_platforms(settings, http, Metrics(process=False))
@@ -190,6 +194,25 @@ async def _probe_all(settings: Settings) -> list[tuple[str, str, bool, str]]:
             except Exception as exc:
                 rows.append(("platform", name, False, str(exc) or type(exc).__name__))
     return rows
+
+
+def _secret_rows(settings: Settings) -> list[tuple[str, str, bool, str]]:
+    """One row per secret older than the rotation period (names only, never values)."""
+    import os
+
+    from imrelay.security.secrets import SecretStore, stale_secrets
+
+    conf = settings.security.secrets
+    if not os.path.exists(conf.path):
+        return []
+    try:
+        store = SecretStore.from_settings(conf, environ=os.environ)
+    except ConfigError as exc:
+        return [("secrets", conf.path, False, str(exc))]
+    stale = stale_secrets(store, max_age_days=conf.max_age_days)
+    if not stale:
+        return [("secrets", conf.path, True, "every secret is within its rotation period")]
+    return [("secrets", conf.path, False, warning) for warning in stale]
 
 
 @sim_app.command("dingtalk")

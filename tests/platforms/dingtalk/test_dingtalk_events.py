@@ -137,7 +137,7 @@ def test_parse_bot_message_picture_download_code_fallback() -> None:
 
 
 def test_parse_bot_message_rich_text_order() -> None:
-    """richText text items join with newlines and pictures become images, in order."""
+    """richText text joins with newlines; with pictures, every segment is kept in order."""
     content = {
         "richText": [
             {"text": " first"},
@@ -152,7 +152,20 @@ def test_parse_bot_message_rich_text_order() -> None:
     msg = _parse(_direct(msgtype="richText", content=content))
     assert msg.kind == "rich"
     assert msg.text == "first\nsecond\nthird"
-    assert msg.attachments == (Attachment("image", "img1"), Attachment("image", "img2"))
+    assert msg.attachments == (
+        Attachment("text", "", text="first"),
+        Attachment("image", "img1"),
+        Attachment("text", "", text="second"),
+        Attachment("image", "img2"),
+        Attachment("text", "", text="third"),
+    )
+
+
+def test_parse_bot_message_rich_text_without_pictures_has_no_attachments() -> None:
+    """A richText message of text only reads like a text message: no attachments."""
+    content = {"richText": [{"text": "one"}, {"text": "two"}]}
+    msg = _parse(_direct(msgtype="richText", content=content))
+    assert (msg.text, msg.attachments) == ("one\ntwo", ())
 
 
 def test_parse_bot_message_audio_recognition() -> None:

@@ -95,14 +95,19 @@ def _download_code(content: Mapping[str, Any], where: str) -> str:
 
 
 def _rich_text(content: Mapping[str, Any]) -> tuple[str, tuple[Attachment, ...]]:
-    """Join the text items of a richText payload; its pictures become image attachments."""
+    """Join the text items of a richText payload; keep its segments in order.
+
+    When the message holds pictures, the attachments list every segment in payload order:
+    ``Attachment("text", "", text=…)`` for a non-blank text item, ``Attachment("image", code)``
+    for a picture, so the interleaving survives. Without pictures there are no attachments.
+    """
     items = content.get("richText")
     if items is None:
         return "", ()
     if not isinstance(items, list):
         raise ProtocolError("payload field 'content.richText' is not a list")
     texts: list[str] = []
-    images: list[Attachment] = []
+    segments: list[Attachment] = []
     for item in items:
         if not isinstance(item, Mapping):
             raise ProtocolError("richText item is not an object")
@@ -110,10 +115,14 @@ def _rich_text(content: Mapping[str, Any]) -> tuple[str, tuple[Attachment, ...]]
         if item_type == "picture":
             code = _download_code(item, "richText item")
             if code:
-                images.append(Attachment("image", code))
+                segments.append(Attachment("image", code))
         elif "text" in item:
-            texts.append(_opt_str(item, "text", "richText item"))
-    return "\n".join(texts).strip(), tuple(images)
+            text = _opt_str(item, "text", "richText item")
+            texts.append(text)
+            if text.strip():
+                segments.append(Attachment("text", "", text=text.strip()))
+    pictures = any(a.kind == "image" for a in segments)
+    return "\n".join(texts).strip(), tuple(segments) if pictures else ()
 
 
 def _body(
