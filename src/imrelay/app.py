@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 import aiohttp
@@ -72,6 +72,14 @@ __all__ = ["Gateway", "build_platforms"]
 logger = logging.getLogger(__name__)
 
 _HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=10, sock_read=30)
+# Settings a reload cannot apply: they need new connections, files or worker limits.
+_RESTART_ONLY = ("server", "storage", "platforms")
+
+
+async def _close_models(models: Iterable[ModelBackend]) -> None:
+    for model in models:
+        with contextlib.suppress(Exception):
+            await model.aclose()
 
 
 def build_platforms(
@@ -95,8 +103,10 @@ class Gateway:
         store: Store | None = None,
         models: Mapping[str, ModelBackend] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        reloader: Callable[[], Settings] | None = None,
     ) -> None:
         self.settings = settings
+        self._reloader = reloader
         self.metrics = Metrics(registry)
         self.wall_clock = wall_clock
         self._store = store
@@ -116,6 +126,8 @@ class Gateway:
         self.canaries: CanaryController | None = None
         self._canary_task: asyncio.Task[None] | None = None
         self._stopped = False
+        self._reload_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -129,6 +141,7 @@ class Gateway:
             dedup_ttl_s=s.storage.dedup_ttl_s,
         )
         await self.store.open()
+        self._dedup = DedupStage(self.store)
         if s.security.audit.enabled:
             self.audit = AuditLog.from_settings(s.security.audit, clock=self.wall_clock)
             await self.audit.open()
@@ -175,17 +188,28 @@ class Gateway:
         self.metrics.registry.register(SecretAgeCollector(store, clock=self.wall_clock))
 
     def _build_worker(self) -> Worker:
-        """The pipeline, in the order DESIGN §1 gives, and the worker that runs it."""
+        """The worker that runs the pipeline."""
+        s = self.settings
+        return Worker(
+            self.store,
+            self._build_runner(),
+            self.metrics,
+            max_concurrency=s.pipeline.max_concurrency,
+            max_pending=s.pipeline.max_pending,
+            wall_clock=self.wall_clock,
+        )
+
+    def _build_runner(self) -> Runner:
+        """The pipeline, in the order DESIGN §1 gives (rebuilt from scratch by a reload)."""
         s = self.settings
         sec = s.security
         by_kind: dict[str, str] = dict(s.routing.by_kind.items())
-        dedup = DedupStage(self.store)
+        dedup = self._dedup
         sender = ReplySender(self.platforms, self.store, self.metrics, clock=self.wall_clock)
         policy = AccessPolicy(sec.access)
         words = WordFilter(sec.words) if sec.words.files else None
         pii = PIIMasker(sec.pii) if sec.pii.enabled else None
         inbound_safety, outbound_safety = build_safety_stages(words, pii, metrics=self.metrics)
-        self._pins = MemoryModelPins()
         router = Router(s.routing, pins=self._pins, models=s.models, canaries=self.canary_book)
         stages: list[Stage] = [
             dedup,
@@ -202,6 +226,7 @@ class Gateway:
                 denied_notice=sec.access.admin_denied_notice,
                 audit=self.audit,
                 status=self._status_text,
+                reload=self.reload,
                 pins=self._pins,
                 models=list(s.models),
             ),
@@ -246,7 +271,7 @@ class Gateway:
             if audit is not None:
                 await audit_settled(audit, ctx, state.value, reason, mask=mask)
 
-        runner = Runner(
+        return Runner(
             stages,
             sender=sender,
             inbox=self.store,
@@ -256,14 +281,6 @@ class Gateway:
             include_text=s.logging.include_text,
             wall_clock=self.wall_clock,
             on_settled=on_settled if audit is not None else None,
-        )
-        return Worker(
-            self.store,
-            runner,
-            self.metrics,
-            max_concurrency=s.pipeline.max_concurrency,
-            max_pending=s.pipeline.max_pending,
-            wall_clock=self.wall_clock,
         )
 
     def _media_fetchers(self) -> dict[str, Fetch]:
@@ -299,6 +316,83 @@ class Gateway:
             for name, backend in self.models.items()
         }
 
+    async def reload(self) -> str:
+        """Re-read the configuration and swap the pipeline atomically (SIGHUP, ``/reload``).
+
+        Routing, models, sensitive words, PII and rate limits, access lists, context and
+        pipeline texts take effect for the next message; messages in flight finish with the
+        pipeline they started with. What needs new connections or files — ``server``,
+        ``storage``, ``platforms``, ``security.audit`` and the worker's limits — is kept and
+        takes effect at the next start. A file that does not validate (or a pipeline that
+        cannot be built from it, e.g. an unreadable word list) changes nothing.
+
+        Returns:
+            One line saying what happened (the answer to ``/reload``).
+        """
+        if self._reloader is None:
+            return "reload is not available: the gateway was not started from a file"
+        async with self._reload_lock:
+            try:
+                new = await asyncio.to_thread(self._reloader)
+            except ConfigError as exc:
+                logger.error("reload refused, the running configuration stays: %s", exc)
+                return f"reload refused: {exc}"
+            old = self.settings
+            kept = {
+                k: getattr(old, k) for k in _RESTART_ONLY if getattr(new, k) != getattr(old, k)
+            }
+            if kept:
+                logger.warning("changes to %s take effect at the next start", ", ".join(kept))
+                new = new.model_copy(update=kept)
+            security = new.security.model_copy(update={"audit": old.security.audit})
+            new = new.model_copy(update={"security": security})
+            old_models = self.models
+            models = self._models or {n: build_model(n, m) for n, m in new.models.items()}
+            self.settings, self.models = new, models
+            try:
+                runner = self._build_runner()
+            except Exception as exc:
+                self.settings, self.models = old, old_models
+                if models is not old_models:
+                    await _close_models(models.values())
+                logger.error("reload refused, the running configuration stays: %s", exc)
+                return f"reload refused: {exc}"
+            self.worker.runner = runner
+            await self._restart_canaries()
+            if models is not old_models:
+                # calls still running on the old models finish first
+                grace = new.pipeline.drain_timeout_s
+                self._spawn_later(grace, _close_models(old_models.values()))
+            logger.info("configuration reloaded: %d model(s)", len(models))
+            return "configuration reloaded" + (
+                f" ({', '.join(kept)} at the next start)" if kept else ""
+            )
+
+    async def _restart_canaries(self) -> None:
+        if self._canary_task is not None:
+            self._canary_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._canary_task
+            self._canary_task = None
+        self.canaries = CanaryController(
+            self.settings.routing,
+            self.canary_book,
+            self.metrics,
+            audit=self.audit,
+            clock=self.wall_clock,
+        )
+        if self.canaries.canaries:
+            self._canary_task = asyncio.create_task(self.canaries.run(), name="canary")
+
+    def _spawn_later(self, delay: float, coro: Coroutine[Any, Any, None]) -> None:
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            await coro
+
+        task = asyncio.create_task(later())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _intake_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
             return
@@ -333,9 +427,9 @@ class Gateway:
             drained = await self.worker.drain(self.settings.pipeline.drain_timeout_s)
         if self._web is not None:
             await self._web.cleanup()
-        for model in self.models.values():
-            with contextlib.suppress(Exception):
-                await model.aclose()
+        for task in list(self._background):
+            task.cancel()
+        await _close_models(self.models.values())
         if self.http is not None:
             await self.http.close()
         if self.audit is not None:

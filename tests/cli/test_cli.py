@@ -190,12 +190,22 @@ async def test_demo_runs_answers_and_stops_cleanly(tmp_path: Path) -> None:
             async with http.get(page) as resp:
                 assert resp.status == 200
                 assert "<html" in (await resp.text()).lower()
-            async with http.post(f"{page}_sim/messages", json={"text": "hi demo"}) as resp:
-                msg_id = (await resp.json())["msg_id"]
+            # The demo streams answers into AI cards: a card names its conversation, not the
+            # message, so the reply is found by conversation.
+            message = {
+                "text": "hi demo",
+                "conversation_id": "cidDemoTest",
+                "conversation_type": "2",
+                "at_bot": True,
+            }
+            async with http.post(f"{page}_sim/messages", json=message) as resp:
+                assert resp.status == 200
 
             async def replied() -> bool:
-                async with http.get(f"{page}_sim/replies", params={"msg_id": msg_id}) as resp:
-                    return bool((await resp.json())["replies"])
+                params = {"conversation_id": "cidDemoTest"}
+                async with http.get(f"{page}_sim/replies", params=params) as resp:
+                    replies = (await resp.json())["replies"]
+                return any("hi demo" in json.dumps(r, ensure_ascii=False) for r in replies)
 
             await wait_for(replied, timeout=15)
         proc.send_signal(signal.SIGINT)

@@ -55,6 +55,8 @@ def demo_config(
                 "app_key": APP_KEY,
                 "app_secret": APP_SECRET,
                 "api_base": f"http://127.0.0.1:{dingtalk_port}",
+                # answers stream into an AI card: the chat page shows it growing
+                "reply": {"stream": "card", "card_update_interval_ms": 150},
             }
         },
         "models": {

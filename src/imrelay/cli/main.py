@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -107,10 +108,10 @@ def run(
         _err(f"config error: --log-level: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
         raise typer.Exit(2)
     configure_logging(fmt=fmt, level=level, secrets=secrets_of(settings))  # type: ignore[arg-type]
-    raise typer.Exit(asyncio.run(_serve(settings)))
+    raise typer.Exit(asyncio.run(_serve(settings, lambda: load_settings(config)[0])))
 
 
-async def _serve(settings: Settings) -> int:
+async def _serve(settings: Settings, reloader: Callable[[], Settings] | None = None) -> int:
     import logging
 
     from imrelay.app import Gateway  # imported late: `imrelay --help` stays fast
@@ -120,7 +121,15 @@ async def _serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, reloader=reloader)
+    reloads: set[asyncio.Task[str]] = set()
+
+    def reload() -> None:  # SIGHUP: re-read the file; an invalid one changes nothing
+        task = asyncio.ensure_future(gateway.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     code = 0
     try:
         await gateway.start()
