@@ -16,6 +16,7 @@ from rich.table import Table
 
 from imrelay import __version__
 from imrelay.cli.audit import audit_app
+from imrelay.cli.bench import bench
 from imrelay.cli.demo import run_demo
 from imrelay.cli.route import canary_app, route_app
 from imrelay.cli.secrets import secrets_app
@@ -38,6 +39,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(route_app, name="route")
 app.add_typer(canary_app, name="canary")
+app.command()(bench)
 
 ConfigOption = Annotated[
     Path | None,
