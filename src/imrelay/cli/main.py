@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
@@ -15,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from imrelay import __version__
+from imrelay.cli._common import err, load_or_exit
 from imrelay.cli.audit import audit_app
 from imrelay.cli.bench import bench
 from imrelay.cli.demo import run_demo
@@ -54,20 +54,6 @@ ConfigOption = Annotated[
 LogFormat = Literal["ecs", "text"]
 
 
-def _err(text: str) -> None:
-    print(text, file=sys.stderr)
-
-
-def _load(config: Path | None) -> Settings:
-    """Load settings or exit 2 with one line per problem."""
-    try:
-        settings, _ = load_settings(config)
-    except ConfigError as exc:
-        _err(format_config_error(exc))
-        raise typer.Exit(2) from None
-    return settings
-
-
 def secrets_of(settings: Settings) -> list[str]:
     """Every secret value in ``settings``, for log masking."""
     values: list[str] = []
@@ -100,14 +86,14 @@ def run(
     ] = None,
 ) -> None:
     """Run the gateway until SIGTERM or Ctrl-C."""
-    settings = _load(config)
+    settings = load_or_exit(config)
     fmt = log_format or settings.logging.format
     level = (log_level or settings.logging.level).upper()
     if fmt not in ("ecs", "text"):
-        _err(f"config error: --log-format: expected ecs or text, got {fmt!r}")
+        err(f"config error: --log-format: expected ecs or text, got {fmt!r}")
         raise typer.Exit(2)
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        _err(f"config error: --log-level: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
+        err(f"config error: --log-level: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
         raise typer.Exit(2)
     configure_logging(fmt=fmt, level=level, secrets=secrets_of(settings))  # type: ignore[arg-type]
     raise typer.Exit(asyncio.run(_serve(settings, lambda: load_settings(config)[0])))
@@ -136,7 +122,7 @@ async def _serve(settings: Settings, reloader: Callable[[], Settings] | None = N
     try:
         await gateway.start()
     except ConfigError as exc:
-        _err(format_config_error(exc))
+        err(format_config_error(exc))
         await gateway.stop()
         return 2
     except (IMRelayError, OSError) as exc:
@@ -159,7 +145,7 @@ async def _serve(settings: Settings, reloader: Callable[[], Settings] | None = N
 @app.command()
 def check(config: ConfigOption = None) -> None:
     """Validate the configuration, then probe every model endpoint and platform credential."""
-    settings = _load(config)
+    settings = load_or_exit(config)
     configure_logging(fmt="text", level="ERROR", secrets=secrets_of(settings))
     rows = asyncio.run(_probe_all(settings))
     table = Table(title="imrelay check")

@@ -11,7 +11,6 @@ storage).
 from __future__ import annotations
 
 import getpass
-import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,8 +19,9 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from imrelay.config import CanarySettings, Settings, format_config_error, load_settings
-from imrelay.errors import ConfigError, StoreError
+from imrelay.cli._common import err, load_or_exit
+from imrelay.config import CanarySettings, Settings
+from imrelay.errors import StoreError
 from imrelay.message import Conversation, InboundMessage, Sender
 from imrelay.routing.canary import (
     CanaryBook,
@@ -63,24 +63,11 @@ ReasonOption = Annotated[
 Kind = Literal["text", "image", "audio", "video", "file", "rich"]
 
 
-def _err(text: str) -> None:
-    print(text, file=sys.stderr)
-
-
-def _load(config: Path | None) -> Settings:
-    try:
-        settings, _ = load_settings(config)
-    except ConfigError as exc:
-        _err(format_config_error(exc))
-        raise typer.Exit(2) from None
-    return settings
-
-
 def _state(settings: Settings) -> CanaryStateFile:
     try:
         path = canary_state_path(settings.storage.url)
     except ValueError as exc:
-        _err(f"error: storage.url: {exc}")
+        err(f"error: storage.url: {exc}")
         raise typer.Exit(2) from None
     return CanaryStateFile(path)
 
@@ -90,7 +77,7 @@ def _book(settings: Settings) -> CanaryBook:
     try:
         book.load()
     except StoreError as exc:
-        _err(f"error: {exc}")
+        err(f"error: {exc}")
         raise typer.Exit(2) from None
     return book
 
@@ -129,7 +116,7 @@ def explain(
     ] = None,
 ) -> None:
     """Print which rule picks which model for a message, and why."""
-    settings = _load(config)
+    settings = load_or_exit(config)
     book = _book(settings)
     router = Router(settings.routing, models=settings.models, canaries=book)
     name = platform or next(iter(settings.platforms), "dingtalk")
@@ -208,19 +195,19 @@ def _pick_rule(settings: Settings, name: str | None) -> _CanaryRule:
     if name is None:
         if len(rules) == 1:
             return rules[0]
-        _err(f"error: --rule is required; rules with a canary: {names}")
+        err(f"error: --rule is required; rules with a canary: {names}")
         raise typer.Exit(2)
     for rule in rules:
         if rule.name == name:
             return rule
-    _err(f"error: no rule named {name!r} has a canary; rules with a canary: {names}")
+    err(f"error: no rule named {name!r} has a canary; rules with a canary: {names}")
     raise typer.Exit(2)
 
 
 @canary_app.command("status")
 def status(config: ConfigOption = None, rule: RuleOption = None) -> None:
     """Show each canary: its traffic, its decision and its latest evaluation."""
-    settings = _load(config)
+    settings = load_or_exit(config)
     book = _book(settings)
     rules = [_pick_rule(settings, rule)] if rule is not None else _canary_rules(settings)
     if not rules:
@@ -267,11 +254,11 @@ def _evaluation(data: dict[str, Any]) -> str:
 
 
 def _decide(config: Path | None, name: str | None, status: CanaryStatus, reason: str) -> None:
-    settings = _load(config)
+    settings = load_or_exit(config)
     rule = _pick_rule(settings, name)
     store = _state(settings)
     if store.path is None:
-        _err(
+        err(
             "error: storage.url is memory://: canary decisions are kept by the running "
             "gateway only and cannot be changed from here"
         )
@@ -280,7 +267,7 @@ def _decide(config: Path | None, name: str | None, status: CanaryStatus, reason:
     try:
         store.decide(rule.name, decision)
     except StoreError as exc:
-        _err(f"error: {exc}")
+        err(f"error: {exc}")
         raise typer.Exit(2) from None
     if status == "promoted":
         done = f"promoted: all of its traffic now goes to {rule.canary.model}"
