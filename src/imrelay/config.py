@@ -54,6 +54,7 @@ __all__ = [
     "DingTalkReplySettings",
     "DingTalkSettings",
     "EchoModelSettings",
+    "LocalModelSettings",
     "LoggingSettings",
     "ModelSettings",
     "OpenAIModelSettings",
@@ -203,7 +204,42 @@ class EchoModelSettings(_Section):
     system_prompt: str | None = None
 
 
-ModelSettings = Annotated[OpenAIModelSettings | EchoModelSettings, Field(discriminator="type")]
+class LocalModelSettings(_Section):
+    """A model directory in Hugging Face layout, run in-process by transformers.
+
+    Needs the optional extra ``imrelay[local]`` (torch and transformers). Nothing is downloaded:
+    the directory must hold the model's ``config.json``, weights and tokenizer files.
+    """
+
+    type: Literal["local"]
+    model_path: str = Field(min_length=1)
+    max_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.7, ge=0, le=2)
+    timeout_s: float = Field(120.0, gt=0)
+    threads: int = Field(1, ge=1, le=64)
+    system_prompt: str | None = None
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_directory(cls, value: str) -> str:
+        # The message names no path: the key path says which setting is wrong.
+        directory = pathlib.Path(value).expanduser()
+        if not directory.is_dir():
+            raise ValueError(
+                "no such directory; give a model directory in hugging face layout "
+                "(with config.json)"
+            )
+        if not (directory / "config.json").is_file():
+            raise ValueError(
+                "the directory has no config.json; give a model directory in hugging face "
+                "layout (as save_pretrained writes it)"
+            )
+        return str(directory)
+
+
+ModelSettings = Annotated[
+    OpenAIModelSettings | EchoModelSettings | LocalModelSettings, Field(discriminator="type")
+]
 
 
 def _as_str_list(value: object) -> object:
@@ -428,10 +464,6 @@ _REFERENCE_BODY: Final = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.D
 _MALFORMED_REFERENCE: Final = (
     "malformed environment variable reference; write ${NAME} or ${NAME:-default}, "
     "and $${ for a literal ${"
-)
-_LOCAL_MODEL: Final = (
-    "local model directories are not supported yet; serve the model with an "
-    "OpenAI-compatible server (vLLM, llama.cpp) and set ai_engine.base_url"
 )
 
 
@@ -793,7 +825,6 @@ class _Layout:
     guide: bool = False
     endpoints: tuple[Any, ...] = ()
     engine: bool = False
-    model_path_only: bool = False
 
     def to_user(self, path: _KeyPath) -> _KeyPath:
         if len(path) >= 2 and path[0] == "platforms" and path[1] in self.endpoints:
@@ -806,11 +837,6 @@ class _Layout:
         return path
 
     def explain(self, path: _KeyPath, message: str) -> _Problem:
-        if self.model_path_only and (path, message) == (
-            ("ai_engine", "base_url"),
-            "field required",
-        ):
-            return ("ai_engine", "model_path"), _LOCAL_MODEL
         if self.guide and path == ("models",):
             return ("ai_engine",), "field required"
         return path, message
@@ -838,20 +864,29 @@ def _from_guide(tree: dict[Any, Any], problems: list[_Problem]) -> tuple[dict[An
                 platforms[name] = mapped
                 names.append(name)
         out["platforms"] = platforms
-    model_path_only = False
     if "ai_engine" in tree:
         engine = tree["ai_engine"]
         if isinstance(engine, dict):
-            model = {k: v for k, v in engine.items() if k != "model_path"}
-            model.setdefault("type", "openai")
-            if model.get("model") in (None, ""):
-                model["model"] = _basename(engine.get("model_path")) or "default"
-            out["models"] = {"default": model}
-            model_path_only = "model_path" in engine and "base_url" not in engine
+            out["models"] = {"default": _guide_model(engine)}
         else:
             problems.append((("ai_engine",), "input should be a valid dictionary"))
-    layout = _Layout(True, tuple(names), "models" in out, model_path_only)
+    layout = _Layout(True, tuple(names), "models" in out)
     return out, layout
+
+
+def _guide_model(engine: dict[Any, Any]) -> dict[Any, Any]:
+    """``ai_engine`` as a model: a local model directory when it has ``model_path`` and no
+    ``base_url`` (``model``, a served name, means nothing then), else an OpenAI endpoint."""
+    local = "model_path" in engine and "base_url" not in engine
+    if engine.get("type", "local" if local else "openai") == "local":
+        model = {k: v for k, v in engine.items() if k != "model"}
+        model.setdefault("type", "local")
+        return model
+    model = {k: v for k, v in engine.items() if k != "model_path"}
+    model.setdefault("type", "openai")
+    if model.get("model") in (None, ""):
+        model["model"] = _basename(engine.get("model_path")) or "default"
+    return model
 
 
 def _guide_endpoint(name: Any, endpoint: Any, problems: list[_Problem]) -> dict[Any, Any] | None:

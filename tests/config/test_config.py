@@ -19,6 +19,7 @@ from imrelay.config import (
     DingTalkReplySettings,
     DingTalkSettings,
     EchoModelSettings,
+    LocalModelSettings,
     LoggingSettings,
     OpenAIModelSettings,
     PipelineSettings,
@@ -156,6 +157,7 @@ def test_docs_configuration_lists_every_key() -> None:
         DingTalkRateLimitSettings,
         OpenAIModelSettings,
         EchoModelSettings,
+        LocalModelSettings,
         RoutingSettings,
         PipelineSettings,
         ContextSettings,
@@ -491,14 +493,53 @@ def test_parse_settings_guide_overrides_use_native_names() -> None:
     assert model.base_url == "http://gpu9/v1"
 
 
-def test_parse_settings_guide_model_path_only_is_error() -> None:
-    """An ai_engine with only a model directory asks for an OpenAI-compatible server."""
-    data = {"endpoints": GUIDE["endpoints"], "ai_engine": {"model_path": "/models/qwen"}}
+def test_parse_settings_guide_model_path_only_is_local(tmp_path: pathlib.Path) -> None:
+    """An ai_engine with a model directory and no base_url is a local model."""
+    write(tmp_path / "qwen" / "config.json", "{}")
+    engine = {"model_path": str(tmp_path / "qwen"), "model": "qwen", "max_tokens": 64}
+    data = {"endpoints": GUIDE["endpoints"], "ai_engine": engine}
+    model = parse_settings(data, environ={"DINGTALK_APP_SECRET": "s"}).models["default"]
+    assert isinstance(model, LocalModelSettings)
+    assert (model.model_path, model.max_tokens) == (str(tmp_path / "qwen"), 64)
+
+
+def test_parse_settings_guide_model_path_only_must_exist(tmp_path: pathlib.Path) -> None:
+    """A local ai_engine.model_path that is not a directory is reported under the guide's key."""
+    data = {"endpoints": GUIDE["endpoints"], "ai_engine": {"model_path": str(tmp_path / "no")}}
     assert error_lines(data, {"DINGTALK_APP_SECRET": "s"}) == [
-        "config error: ai_engine.model_path: local model directories are not supported yet; "
-        "serve the model with an OpenAI-compatible server (vLLM, llama.cpp) and set "
-        "ai_engine.base_url"
+        "config error: ai_engine.model_path: no such directory; give a model directory in "
+        "hugging face layout (with config.json)"
     ]
+
+
+def test_parse_settings_local_model_needs_config_json(tmp_path: pathlib.Path) -> None:
+    """A local model directory without config.json is refused, naming the key, not the path."""
+    (tmp_path / "empty").mkdir()
+    data = {"models": {"m": {"type": "local", "model_path": str(tmp_path / "empty")}}}
+    data["routing"] = {"default": "m"}
+    lines = error_lines(data)
+    assert lines == [
+        "config error: models.m.model_path: the directory has no config.json; give a model "
+        "directory in hugging face layout (as save_pretrained writes it)"
+    ]
+    assert str(tmp_path) not in lines[0]
+
+
+def test_parse_settings_local_model_defaults(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local model has documented defaults, and ~ in model_path means the home directory."""
+    write(tmp_path / "m" / "config.json", "{}")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = {
+        "models": {"m": {"type": "local", "model_path": "~/m"}},
+        "routing": {"default": "m"},
+    }
+    model = parse_settings(data, environ={}).models["m"]
+    assert isinstance(model, LocalModelSettings)
+    assert model.model_path == str(tmp_path / "m")
+    assert (model.max_tokens, model.temperature, model.timeout_s) == (512, 0.7, 120.0)
+    assert (model.threads, model.system_prompt) == (1, None)
 
 
 def test_parse_settings_guide_errors_name_guide_keys() -> None:
@@ -578,7 +619,7 @@ def test_parse_settings_guide_sections_must_be_mappings() -> None:
         ),
         pytest.param(
             lambda d: d["models"]["default"].update(type="gpt"),
-            ["config error: models.default.type: input should be 'openai' or 'echo'"],
+            ["config error: models.default.type: input should be 'openai', 'echo' or 'local'"],
             id="unknown-model-type",
         ),
         pytest.param(

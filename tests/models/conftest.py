@@ -1,9 +1,11 @@
-"""Fixtures for the model backend tests: a model simulator, a dead port, a backend factory."""
+"""Fixtures for the model backend tests: a model simulator, a dead port, a backend factory, and
+tiny local models (random weights, a tokenizer trained on the spot) built once per session."""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +13,7 @@ from pydantic import SecretStr
 
 from imrelay.config import OpenAIModelSettings
 from imrelay.models.openai_compat import OpenAICompatBackend
+from imrelay.sim.local_model import build_tiny_model
 from imrelay.sim.model import ModelSimulator
 
 API_KEY = "sk-imrelay-test-0123456789abcdef"
@@ -66,3 +69,24 @@ async def make_backend(openai_sim: ModelSimulator) -> AsyncIterator[BackendFacto
     yield make
     for backend in built:
         await backend.aclose()
+
+
+@pytest.fixture(scope="session")
+def hf_offline() -> Iterator[None]:
+    """Hugging Face libraries told not to reach their hub for the whole session."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("TRANSFORMERS_OFFLINE", "1")
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, hf_offline: None) -> Path:
+    """A tiny random-weight GPT-2 with a chat template, built once per session."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_model_dir(tmp_path_factory: pytest.TempPathFactory, hf_offline: None) -> Path:
+    """The tiny model again, with a tokenizer that has no chat template."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-plain-model"), chat_template=False)

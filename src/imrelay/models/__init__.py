@@ -1,10 +1,17 @@
-"""Model backends: the protocol, the OpenAI-compatible client, the echo model, and a factory."""
+"""Model backends: the protocol, the OpenAI-compatible client, local models, the echo model, and
+a factory."""
 
 from __future__ import annotations
 
-from imrelay.config import EchoModelSettings, ModelSettings, OpenAIModelSettings
+from imrelay.config import (
+    EchoModelSettings,
+    LocalModelSettings,
+    ModelSettings,
+    OpenAIModelSettings,
+)
 from imrelay.models.base import ChatMessage, Generation, ModelBackend
 from imrelay.models.echo import EchoBackend
+from imrelay.models.local import LocalBackend
 from imrelay.models.openai_compat import OpenAICompatBackend
 from imrelay.models.pool import FallbackChain, ModelPool
 
@@ -13,6 +20,7 @@ __all__ = [
     "EchoBackend",
     "FallbackChain",
     "Generation",
+    "LocalBackend",
     "ModelBackend",
     "ModelPool",
     "OpenAICompatBackend",
@@ -29,7 +37,8 @@ def build_model(name: str, settings: ModelSettings) -> ModelBackend:
 
     Returns:
         For ``type: openai``, a :class:`ModelPool` over one :class:`OpenAICompatBackend` per
-        endpoint (retries, first-token timeout, circuit breakers); an :class:`EchoBackend` for
+        endpoint (retries, first-token timeout, circuit breakers); a :class:`LocalBackend` for
+        ``type: local`` (the model loads on first use); an :class:`EchoBackend` for
         ``type: echo``. The caller closes it with ``aclose()``.
 
     Raises:
@@ -49,6 +58,8 @@ def build_model(name: str, settings: ModelSettings) -> ModelBackend:
             breaker_failures=settings.breaker_failures,
             breaker_reset_s=settings.breaker_reset_s,
         )
+    if isinstance(settings, LocalModelSettings):
+        return LocalBackend(name, settings)
     if isinstance(settings, EchoModelSettings):
         return EchoBackend(name, settings)
     raise TypeError(f"unknown model settings type: {type(settings).__name__}")
