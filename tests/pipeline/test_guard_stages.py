@@ -364,17 +364,6 @@ async def test_guard_audit_settled_survives_a_failed_write(
     assert "audit record could not be written" in caplog.text
 
 
-class _AuditedRunner(Runner):
-    """The runner with the settle hook the lead adds (three lines in ``_settle``)."""
-
-    audit: AuditLog
-
-    async def _settle(self, ctx: TurnContext, state: MessageState, reason: str) -> MessageState:
-        state = await super()._settle(ctx, state, reason)
-        await audit_settled(self.audit, ctx, state.value, reason)
-        return state
-
-
 async def test_guard_pipeline_denied_and_flooding_users_never_reach_the_model(
     store: MemoryStore,
     platform: Any,
@@ -403,7 +392,11 @@ async def test_guard_pipeline_denied_and_flooding_users_never_reach_the_model(
         FormatStage(markdown={PLATFORM: False}),
         SendStage(sender, store, keep_turns=0, clock=clock),
     ]
-    runner = _AuditedRunner(
+
+    async def on_settled(ctx: TurnContext, state: MessageState, reason: str) -> None:
+        await audit_settled(audit, ctx, state.value, reason)
+
+    runner = Runner(
         stages,
         sender=sender,
         inbox=store,
@@ -411,8 +404,8 @@ async def test_guard_pipeline_denied_and_flooding_users_never_reach_the_model(
         dedup=dedup,
         failure_notice="failed",
         wall_clock=clock,
+        on_settled=on_settled,  # the audit record, as the gateway wires it
     )
-    runner.audit = audit
 
     async def handle(message: InboundMessage) -> MessageState:
         assert await store.put(message)
