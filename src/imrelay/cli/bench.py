@@ -174,7 +174,6 @@ def bench(
 def _run(
     options: Any, targets: list[str], *, json_out: bool, workdir: Path | None, keep: bool
 ) -> int:
-    import asyncio
     import json
     import shutil
 
@@ -187,6 +186,7 @@ def _run(
         TimeElapsedColumn,
     )
 
+    from imrelay._loop import run as run_loop
     from imrelay.bench.procs import BenchProcessError
     from imrelay.bench.report import build_document, machine_info, render
     from imrelay.bench.runner import make_workdir, run_target
@@ -223,7 +223,7 @@ def _run(
     try:
         with bar:
             for target in targets:
-                results[target] = asyncio.run(run_target(target, options, where, Sink()))  # type: ignore[arg-type]
+                results[target] = run_loop(run_target(target, options, where, Sink()))  # type: ignore[arg-type]
     except BenchProcessError as exc:
         err.print(f"bench: {exc}", markup=False, highlight=False)
         err.print(f"bench: the run's files are in {where}", markup=False, highlight=False)

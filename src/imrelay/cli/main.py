@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from imrelay import __version__
+from imrelay._loop import run as run_loop
 from imrelay.cli._common import err, load_or_exit
 from imrelay.cli.audit import audit_app
 from imrelay.cli.bench import bench
@@ -96,7 +97,7 @@ def run(
         err(f"config error: --log-level: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
         raise typer.Exit(2)
     configure_logging(fmt=fmt, level=level, secrets=secrets_of(settings))  # type: ignore[arg-type]
-    raise typer.Exit(asyncio.run(_serve(settings, lambda: load_settings(config)[0])))
+    raise typer.Exit(run_loop(_serve(settings, lambda: load_settings(config)[0])))
 
 
 async def _serve(settings: Settings, reloader: Callable[[], Settings] | None = None) -> int:
@@ -147,7 +148,7 @@ def check(config: ConfigOption = None) -> None:
     """Validate the configuration, then probe every model endpoint and platform credential."""
     settings = load_or_exit(config)
     configure_logging(fmt="text", level="ERROR", secrets=secrets_of(settings))
-    rows = asyncio.run(_probe_all(settings))
+    rows = run_loop(_probe_all(settings))
     table = Table(title="imrelay check")
     table.add_column("what")
     table.add_column("name")
@@ -246,7 +247,7 @@ def sim_dingtalk(  # nosec B107  # the simulator's own default credential
             print(f"DingTalk simulator on {sim.base_url} (web chat: {sim.base_url}/)", flush=True)
             await _until_signal()
 
-    asyncio.run(main())
+    run_loop(main())
 
 
 @sim_app.command("model")
@@ -274,7 +275,7 @@ def sim_model(
             print(f"model simulator on {sim.base_url}", flush=True)
             await _until_signal()
 
-    asyncio.run(main())
+    run_loop(main())
 
 
 @app.command()
