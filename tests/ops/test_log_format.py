@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -217,3 +218,61 @@ def test_configure_logging_text_format_tags_and_masks() -> None:
     assert "[dingtalk m6] | failed" in tagged
     assert "ValueError: bad key ***" in text
     assert "s3cr3t-value" not in text
+
+
+def _records() -> Iterator[logging.LogRecord]:
+    """Records of every shape the gateway writes: extras, nesting, errors, non-ASCII."""
+    logger = logging.getLogger("tests.ops.log_format.same")
+
+    def record(level: int, msg: str, *args: object, **kwargs: object) -> logging.LogRecord:
+        extra = kwargs.pop("extra", None)
+        exc_info = kwargs.pop("exc_info", None)
+        return logger.makeRecord(
+            logger.name,
+            level,
+            "x.py",
+            7,
+            msg,
+            args,
+            exc_info,
+            "fn",
+            extra,  # type: ignore[arg-type]
+        )
+
+    yield record(logging.INFO, "plain %s", "line")
+    yield record(
+        logging.INFO,
+        "message replied",
+        extra={
+            "platform": "dingtalk",
+            "message.id": "msg-1",
+            "conversation.hash": "ab12",
+            "event.action": "message-handled",
+            "event.duration": 12_000,
+            "imrelay.model.name": "默认",
+            "imrelay.model.tokens.prompt": 3,
+            "imrelay.state": "replied",
+            "skipped": None,
+        },
+    )
+    yield record(logging.WARNING, "nested", extra={"http": {"request": {"method": "GET"}}})
+    yield record(logging.DEBUG, "trace given", extra={"message.id": "m2", "trace.id": "t2"})
+    try:
+        raise ValueError("boom ü")
+    except ValueError:
+        yield record(logging.ERROR, "failed", exc_info=sys.exc_info())
+
+
+def test_ecs_fast_path_writes_what_ecs_logging_writes() -> None:
+    """The direct builder and ecs-logging's general path give the same document, key order
+    included (``@timestamp``, ``log.level``, ``message`` first)."""
+    fast = ECSFormatter(exclude_fields=["log.original"])
+    general = ECSFormatter(exclude_fields=["log.original", "no.such.field"])
+    for record in _records():
+        line = fast.format(record)
+        assert line == general.format(record), record.getMessage()
+        assert list(json.loads(line))[:3] == ["@timestamp", "log.level", "message"]
+    plain = next(_records())
+    line = ECSFormatter().format(plain)
+    assert json.loads(line)["log"]["original"] == "plain line"
+    assert line == ECSFormatter(exclude_fields=["no.such.field"]).format(plain)
