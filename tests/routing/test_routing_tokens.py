@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from imrelay.errors import ConfigError
@@ -15,6 +17,7 @@ from imrelay.routing.tokens import (
     TokenCounter,
     TokenizerCounter,
     estimate_tokens,
+    is_cjk,
     load_token_counter,
 )
 
@@ -141,3 +144,47 @@ def test_tokens_tokenizer_failing_later_falls_back_to_the_estimate(
         assert counter.count("zzzzzzzz") == estimate_tokens("zzzzzzzz")
         assert counter.count("yyyy") == 1
     assert caplog.text.count("estimating instead") == 1
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x10FFFF)))
+def test_tokens_estimate_counts_exactly_the_cjk_characters(text: str) -> None:
+    """The whole-text count agrees with :func:`is_cjk` character by character."""
+    cjk = sum(1 for ch in text if is_cjk(ch))
+    assert estimate_tokens(text) == cjk + (len(text) - cjk + 3) // 4
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        0x2FFF,
+        0x3000,
+        0x303F,
+        0x3040,
+        0x30FF,
+        0x3100,
+        0x33FF,
+        0x3400,
+        0x4DBF,
+        0x4DC0,
+        0x4DFF,
+        0x4E00,
+        0x9FFF,
+        0xA000,
+        0xABFF,
+        0xAC00,
+        0xD7AF,
+        0xD7B0,
+        0xF8FF,
+        0xF900,
+        0xFAFF,
+        0xFB00,
+        0xFEFF,
+        0xFF00,
+        0xFFEF,
+        0xFFF0,
+    ],
+)
+def test_tokens_estimate_range_edges(code: int) -> None:
+    """Every range's first and last code point, and their neighbours, count as is_cjk says."""
+    text = chr(code) * 4
+    assert estimate_tokens(text) == (4 if is_cjk(chr(code)) else 1)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -73,9 +74,16 @@ def is_cjk(ch: str) -> bool:
     )
 
 
+_CJK: Final = re.compile(
+    "[\u4e00-\u9fff\u3400-\u4dbf\u3040-\u30ff\uac00-\ud7af\uf900-\ufaff\u3000-\u303f\uff00-\uffef]"
+)  # the ranges of is_cjk, for counting a whole text at C speed
+
+
 def estimate_tokens(text: str) -> int:
     """Estimate the tokens of ``text``: CJK characters one each, other text one per four."""
-    cjk = sum(1 for ch in text if is_cjk(ch))
+    if text.isascii():
+        return (len(text) + 3) // 4
+    cjk = len(_CJK.findall(text))
     other = len(text) - cjk
     return cjk + (other + 3) // 4
 
