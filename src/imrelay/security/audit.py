@@ -30,8 +30,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -52,6 +51,7 @@ from imrelay.security.chain import (
     sign,
     verify_records,
 )
+from imrelay.stores._writer import GroupWriter, Outcome
 
 __all__ = [
     "GENESIS",
@@ -73,7 +73,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 AuditKind = Literal["message", "admin", "access_denied", "rate_limited"]
-_MAX_BATCH: Final = 1024
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (
@@ -162,7 +161,6 @@ class _Pending:
     kind: str
     fields: dict[str, Any]
     text: str  # the canonical JSON of fields
-    future: asyncio.Future[AuditRecord] = field(repr=False)
 
 
 def _mirror(path: Path, records: list[AuditRecord]) -> None:
@@ -215,15 +213,18 @@ class AuditLog:
         self.identities = identities
         self.jsonl_path = None if jsonl_path is None else Path(jsonl_path)
         self._key = hmac_key
-        self._linger = max(commit_interval_ms, 0.0) / 1000.0
         self._clock = clock
-        self._conn: sqlite3.Connection | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
-        self._writer: asyncio.Task[None] | None = None
-        self._closed = False
-        self.commits = 0
+        self._writer: GroupWriter[_Pending, AuditRecord] = GroupWriter(
+            "audit log",
+            connect=self._connect,
+            commit=self._insert,
+            linger_s=max(commit_interval_ms, 0.0) / 1000.0,
+        )
+
+    @property
+    def commits(self) -> int:
         """Transactions committed so far (each may hold many records)."""
+        return self._writer.commits
 
     @classmethod
     def from_settings(
@@ -254,19 +255,11 @@ class AuditLog:
         Raises:
             StoreError: already opened or closed, or the database cannot be used.
         """
-        if self._closed or self._executor is not None:
+        if self._writer.closed or self._writer.is_open:
             raise StoreError("audit log cannot be opened twice")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imrelay-audit")
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
-        except BaseException:
-            self._executor.submit(self._disconnect)
-            self._executor.shutdown(wait=True)
-            self._executor = None
-            raise
-        self._writer = asyncio.create_task(self._run_writer(), name="imrelay-audit-writer")
+        await self._writer.open()
 
-    def _connect(self) -> None:
+    def _connect(self) -> sqlite3.Connection:
         try:
             _create_private(self.path)
             if self.jsonl_path is not None:
@@ -281,24 +274,11 @@ class AuditLog:
         except sqlite3.Error as exc:
             conn.close()
             raise StoreError(f"cannot initialise the audit database: {exc}") from exc
-        self._conn = conn
-
-    def _disconnect(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        return conn
 
     async def aclose(self) -> None:
         """Commit every queued record, then close. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._writer is not None:
-            self._queue.put_nowait(None)
-            await self._writer
-        if self._executor is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._disconnect)
-            self._executor.shutdown(wait=True)
+        await self._writer.aclose()
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -308,57 +288,17 @@ class AuditLog:
         Raises:
             StoreError: the log is not open, the fields are not JSON, or the commit failed.
         """
-        if self._closed or self._executor is None:
+        if not self._writer.is_open:
             raise StoreError("audit log is not open")
         data = dict(fields)
         try:
             text = canonical_json(data)
         except (TypeError, ValueError) as exc:
             raise StoreError(f"audit fields are not json-serialisable: {exc}") from None
-        future: asyncio.Future[AuditRecord] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(round(self._clock(), 6), kind, data, text, future))
-        return await future
+        return await self._writer.submit(_Pending(round(self._clock(), 6), kind, data, text))
 
-    async def _run_writer(self) -> None:
-        stop = False
-        while not stop:
-            first = await self._queue.get()
-            if first is None:
-                break
-            if self._queue.empty() and self._linger > 0:
-                await asyncio.sleep(self._linger)
-            batch = [first]
-            while len(batch) < _MAX_BATCH and not self._queue.empty():
-                item = self._queue.get_nowait()
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            await self._commit(batch)
-
-    async def _commit(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            records = await loop.run_in_executor(self._executor, self._insert, batch)
-        except asyncio.CancelledError:
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(StoreError("audit writer was cancelled"))
-            raise
-        except StoreError as exc:
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
-            return
-        self.commits += 1
-        for item, record in zip(batch, records, strict=True):
-            if not item.future.done():
-                item.future.set_result(record)
-
-    def _insert(self, batch: list[_Pending]) -> list[AuditRecord]:
-        conn = self._conn
-        if conn is None:
-            raise StoreError("audit log is closed")
+    def _insert(self, conn: sqlite3.Connection, batch: list[_Pending]) -> list[Outcome]:
+        """Chain, sign and insert ``batch`` in one transaction (on the writer's thread)."""
         records: list[AuditRecord] = []
         rows: list[tuple[Any, ...]] = []
         try:
@@ -382,7 +322,7 @@ class AuditLog:
             raise StoreError(f"audit commit failed: {exc}") from exc
         if self.jsonl_path is not None:
             _mirror(self.jsonl_path, records)
-        return records
+        return [(True, record) for record in records]
 
     # -- typed records -------------------------------------------------------------------------
 
@@ -526,7 +466,7 @@ class AuditLog:
 
     async def verify(self, *, anchor: tuple[int, str] | None = None) -> VerifyResult:
         """Verify the whole chain (with this log's key, if any)."""
-        if self._closed or self._executor is None:
+        if not self._writer.is_open:
             raise StoreError("audit log is not open")
         return await asyncio.get_running_loop().run_in_executor(
             None, lambda: verify_records(read_sqlite(self.path), key=self._key, anchor=anchor)

@@ -25,20 +25,18 @@ longer blocks a message, except that a message still pending is never stored twi
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, TypeVar
 
 from imrelay.errors import StoreError
 from imrelay.message import InboundMessage
+from imrelay.stores._writer import GroupWriter, Outcome
 from imrelay.stores.base import FINAL_STATES, ContextTurn, InboxRecord, MessageState
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
@@ -46,7 +44,6 @@ __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION: Final = 1
-_MAX_BATCH: Final = 1024
 _BUSY_TIMEOUT_S: Final = 5.0
 _PENDING: Final = (MessageState.RECEIVED.value, MessageState.PROCESSING.value)
 _FINAL: Final = tuple(sorted(s.value for s in FINAL_STATES))
@@ -96,12 +93,6 @@ _Op = Callable[[sqlite3.Connection], Any]
 _Row = tuple[Any, ...]
 
 
-@dataclass(slots=True)
-class _Queued:
-    op: _Op
-    future: asyncio.Future[Any]
-
-
 def _encode(message: InboundMessage) -> str:
     try:
         return json.dumps(message.to_dict(), ensure_ascii=False, separators=(",", ":"))
@@ -117,6 +108,31 @@ def _decode(row: _Row) -> InboxRecord:
         return InboxRecord(int(seq), message, MessageState(state), int(attempts), str(reason))
     except (TypeError, AttributeError, KeyError) as exc:
         raise ValueError(f"unreadable record: {type(exc).__name__}") from exc
+
+
+def _execute(conn: sqlite3.Connection, ops: list[_Op]) -> list[Outcome]:
+    """Run ``ops`` in one transaction, each under a savepoint so that one failing op is
+    rolled back alone; a failure of the transaction itself raises (nothing took effect)."""
+    results: list[Outcome] = []
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        for op in ops:
+            conn.execute("SAVEPOINT op")
+            try:
+                value = op(conn)
+            except Exception as exc:
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                results.append((False, _translate(exc)))
+            else:
+                conn.execute("RELEASE op")
+                results.append((True, value))
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.rollback()
+        raise StoreError(f"sqlite commit failed: {exc}") from exc
+    return results
 
 
 class SQLiteStore:
@@ -138,16 +154,19 @@ class SQLiteStore:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = os.fspath(path)
-        self._linger = max(commit_interval_ms, 0.0) / 1000.0
         self._ttl = dedup_ttl_s
         self._clock = clock
-        self._conn: sqlite3.Connection | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._queue: asyncio.Queue[_Queued | None] = asyncio.Queue()
-        self._writer: asyncio.Task[None] | None = None
-        self._closed = False
-        self.commits = 0
+        self._writer: GroupWriter[_Op, Any] = GroupWriter(
+            "store",
+            connect=self._connect,
+            commit=_execute,
+            linger_s=max(commit_interval_ms, 0.0) / 1000.0,
+        )
+
+    @property
+    def commits(self) -> int:
         """Transactions committed so far (each may hold many operations)."""
+        return self._writer.commits
 
     async def __aenter__(self) -> SQLiteStore:
         await self.open()
@@ -164,22 +183,9 @@ class SQLiteStore:
         Raises:
             StoreError: the store was opened before, or the database cannot be used.
         """
-        if self._closed:
-            raise StoreError("store is closed")
-        if self._executor is not None:
-            raise StoreError("store is already open")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imrelay-sqlite")
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
-        except BaseException:
-            # if open() was cancelled, _connect may still finish: close what it opened
-            self._executor.submit(self._disconnect)
-            self._executor.shutdown(wait=True)
-            self._executor = None
-            raise
-        self._writer = asyncio.create_task(self._run_writer(), name="imrelay-sqlite-writer")
+        await self._writer.open()
 
-    def _connect(self) -> None:
+    def _connect(self) -> sqlite3.Connection:
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +212,7 @@ class SQLiteStore:
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"cannot initialise sqlite database: {exc}") from exc
             raise
-        self._conn = conn
+        return conn
 
     async def ping(self) -> None:
         """Run a trivial query; raise :class:`StoreError` if the database cannot answer."""
@@ -214,112 +220,14 @@ class SQLiteStore:
 
     async def aclose(self) -> None:
         """Commit every queued write, then close the database. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._writer is not None:
-            self._queue.put_nowait(None)
-            await self._writer
-        if self._executor is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._disconnect)
-            self._executor.shutdown(wait=True)
-
-    def _disconnect(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StoreError("store is closed")
-        if self._executor is None:
-            raise StoreError("store is not open")
-
-    # -- the single writer -----------------------------------------------------------------
+        await self._writer.aclose()
 
     async def _write(self, op: Callable[[sqlite3.Connection], _T]) -> _T:
-        self._check_open()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Queued(op, future))
-        return cast(_T, await future)
-
-    async def _run_writer(self) -> None:
-        stop = False
-        while not stop:
-            first = await self._queue.get()
-            if first is None:
-                break
-            if self._queue.empty() and self._linger > 0:
-                await asyncio.sleep(self._linger)
-            batch = [first]
-            while len(batch) < _MAX_BATCH and not self._queue.empty():
-                item = self._queue.get_nowait()
-                if item is None:  # aclose() enqueues it after the last write
-                    stop = True
-                    break
-                batch.append(item)
-            await self._commit(batch)
-
-    async def _commit(self, batch: list[_Queued]) -> None:
-        loop = asyncio.get_running_loop()
-        ops = [item.op for item in batch]
-        try:
-            results = await loop.run_in_executor(self._executor, self._execute, ops)
-        except asyncio.CancelledError:
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(StoreError("store writer was cancelled"))
-            raise
-        except Exception as exc:  # the commit itself failed: no operation took effect
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
-            return
-        self.commits += 1
-        for item, (ok, value) in zip(batch, results, strict=True):
-            if item.future.done():  # the caller was cancelled; the write stands
-                continue
-            if ok:
-                item.future.set_result(value)
-            else:
-                item.future.set_exception(value)
-
-    def _execute(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
-        conn = self._conn
-        if conn is None:
-            raise StoreError("store is closed")
-        results: list[tuple[bool, Any]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for op in ops:
-                conn.execute("SAVEPOINT op")
-                try:
-                    value = op(conn)
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    results.append((False, _translate(exc)))
-                else:
-                    conn.execute("RELEASE op")
-                    results.append((True, value))
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.rollback()
-            raise StoreError(f"sqlite commit failed: {exc}") from exc
-        return results
+        result: _T = await self._writer.submit(op)
+        return result
 
     async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        self._check_open()
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._guard, fn)
-
-    def _guard(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        if self._conn is None:
-            raise StoreError("store is closed")
-        try:
-            return fn(self._conn)
-        except sqlite3.Error as exc:
-            raise StoreError(f"sqlite query failed: {exc}") from exc
+        return await self._writer.call(fn)
 
     # -- Inbox -----------------------------------------------------------------------------
 
@@ -332,7 +240,7 @@ class SQLiteStore:
         Raises:
             StoreError: the store is closed, the message cannot be serialised, or SQLite failed.
         """
-        self._check_open()
+        self._writer.check_open()
         body = _encode(message)
         keys = list(dict.fromkeys((message.message_id, *message.dedup_keys)))
         now = self._clock()
