@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from imrelay import __version__
 from imrelay.config import Settings
 from imrelay.errors import AuthError, ConfigError, StoreError
+from imrelay.http import HTTPClient
 from imrelay.models import FallbackChain, build_model
 from imrelay.models.base import ModelBackend
 from imrelay.observability.metrics import Metrics
@@ -72,6 +73,9 @@ __all__ = ["Gateway", "build_platforms"]
 logger = logging.getLogger(__name__)
 
 _HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=10, sock_read=30)
+# Outbound connections per origin (a DingTalk API host, a model endpoint): enough for every
+# in-flight message of the default pipeline.max_concurrency to have its own.
+_HTTP_CONNECTIONS = 512
 # Settings a reload cannot apply: they need new connections, files or worker limits.
 _RESTART_ONLY = ("server", "storage", "platforms")
 
@@ -83,11 +87,14 @@ async def _close_models(models: Iterable[ModelBackend]) -> None:
 
 
 def build_platforms(
-    settings: Settings, http: aiohttp.ClientSession, metrics: Metrics
+    settings: Settings,
+    http: aiohttp.ClientSession,
+    metrics: Metrics,
+    client: HTTPClient | None = None,
 ) -> dict[str, Platform]:
-    """One connector per configured platform."""
+    """One connector per configured platform; REST calls go through ``client`` when given."""
     return {
-        name: DingTalkConnector(name, conf, http, metrics)
+        name: DingTalkConnector(name, conf, http, metrics, client=client)
         for name, conf in settings.platforms.items()
     }
 
@@ -116,6 +123,7 @@ class Gateway:
         self.platforms: dict[str, Platform] = {}
         self.worker: Worker
         self.http: aiohttp.ClientSession | None = None
+        self.client: HTTPClient | None = None
         self.port = 0
         self._web: web.AppRunner | None = None
         self._intake: dict[str, asyncio.Task[None]] = {}
@@ -153,8 +161,9 @@ class Gateway:
         await asyncio.to_thread(self.canary_book.load)
         self._watch_secret_ages()
         self.http = aiohttp.ClientSession(timeout=_HTTP_TIMEOUT)
+        self.client = HTTPClient(limit=_HTTP_CONNECTIONS, user_agent=f"imrelay/{__version__}")
         self.models = self._models or {name: build_model(name, m) for name, m in s.models.items()}
-        self.platforms = build_platforms(s, self.http, self.metrics)
+        self.platforms = build_platforms(s, self.http, self.metrics, self.client)
         self.worker = self._build_worker()
         await self.worker.resume()
         self.canaries = CanaryController(
@@ -432,6 +441,8 @@ class Gateway:
         await _close_models(self.models.values())
         if self.http is not None:
             await self.http.close()
+        if self.client is not None:
+            await self.client.aclose()
         if self.audit is not None:
             await self.audit.aclose()
         if hasattr(self, "store"):

@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from imrelay.errors import AuthError, PlatformAPIError, RateLimited
+from imrelay.http import HTTPClient
 from imrelay.platforms.dingtalk.api import (
     DingTalkAPI,
     build_webhook_body,
@@ -123,11 +124,21 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+@pytest.fixture(params=["imrelay-http", "aiohttp"])
+async def client(request: pytest.FixtureRequest) -> AsyncIterator[HTTPClient | None]:
+    """The transport: the gateway's own HTTP client, or (None) the aiohttp session."""
+    if request.param == "aiohttp":
+        yield None
+        return
+    async with HTTPClient() as http_client:
+        yield http_client
+
+
 @pytest.fixture
 def make_api(
-    http: aiohttp.ClientSession, fake: tuple[FakeDingTalk, str]
+    http: aiohttp.ClientSession, client: HTTPClient | None, fake: tuple[FakeDingTalk, str]
 ) -> Callable[..., DingTalkAPI]:
-    """Build a DingTalkAPI pointed at the fake server."""
+    """Build a DingTalkAPI pointed at the fake server, on each transport."""
 
     def build(**kwargs: Any) -> DingTalkAPI:
         options: dict[str, Any] = {
@@ -136,6 +147,7 @@ def make_api(
             "app_secret": APP_SECRET,
             "api_base": fake[1] + "/",
             "timeout_s": 2.0,
+            "client": client,
         }
         options.update(kwargs)
         return DingTalkAPI(http, **options)

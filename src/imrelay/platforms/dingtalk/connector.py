@@ -13,6 +13,7 @@ from aiohttp import web
 
 from imrelay.config import DingTalkSettings
 from imrelay.errors import RateLimited
+from imrelay.http import HTTPClient
 from imrelay.message import Attachment, InboundMessage, OutboundReply
 from imrelay.observability.metrics import Metrics
 from imrelay.platforms._ratelimit import BucketSet, TokenBucket, bucket_params
@@ -53,6 +54,7 @@ class DingTalkConnector:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         throttle_wait_s: float = 60.0,
         max_conversations: int = 10_000,
+        client: HTTPClient | None = None,
     ) -> None:
         self.name = name
         self.ingress: IngressKind = settings.mode
@@ -66,6 +68,7 @@ class DingTalkConnector:
             api_base=settings.api_base,
             timeout_s=settings.http_timeout_s,
             clock=wall_clock,
+            client=client,
         )
         self.http = http
         self.stream = DingTalkStream(name, settings, self.api, http, metrics)
