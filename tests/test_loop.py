@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 import uvloop
 
-from imrelay._loop import loop_name, run
+from imrelay._loop import loop_name, run, settle_heap
 
 
 async def _loop_type() -> type[asyncio.AbstractEventLoop]:
@@ -27,3 +28,15 @@ def test_loop_asyncio_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
     assert loop_name() == "asyncio"
     assert not issubclass(run(_loop_type()), uvloop.Loop)
     assert run(asyncio.sleep(0, result=7)) == 7
+
+
+def test_settle_heap_freezes_start_up_objects_and_raises_gen0() -> None:
+    """After settle_heap the start-up heap is frozen and gen0 collects every 10,000 allocations."""
+    before = gc.get_threshold()
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (10_000, before[1], before[2])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from imrelay import __version__
 from imrelay._loop import run as run_loop
+from imrelay._loop import settle_heap
 from imrelay.cli._common import err, load_or_exit
 from imrelay.cli.audit import audit_app
 from imrelay.cli.bench import bench
@@ -122,6 +123,7 @@ async def _serve(settings: Settings, reloader: Callable[[], Settings] | None = N
     code = 0
     try:
         await gateway.start()
+        settle_heap()
     except ConfigError as exc:
         err(format_config_error(exc))
         await gateway.stop()
@@ -245,6 +247,7 @@ def sim_dingtalk(  # nosec B107  # the simulator's own default credential
         )
         async with sim:
             print(f"DingTalk simulator on {sim.base_url} (web chat: {sim.base_url}/)", flush=True)
+            settle_heap()
             await _until_signal()
 
     run_loop(main())
@@ -273,6 +276,7 @@ def sim_model(
         )
         async with sim:
             print(f"model simulator on {sim.base_url}", flush=True)
+            settle_heap()
             await _until_signal()
 
     run_loop(main())
