@@ -111,28 +111,39 @@ def _decode(row: _Row) -> InboxRecord:
 
 
 def _execute(conn: sqlite3.Connection, ops: list[_Op]) -> list[Outcome]:
-    """Run ``ops`` in one transaction, each under a savepoint so that one failing op is
-    rolled back alone; a failure of the transaction itself raises (nothing took effect)."""
-    results: list[Outcome] = []
+    """Run ``ops`` in one transaction; a failure of the transaction itself raises.
+
+    Operations rarely fail on their own (a constraint, a vanished row), so the batch first runs
+    without savepoints. If one op raises, that transaction is rolled back and the batch is run
+    again with a savepoint around each op, so the failing op is undone alone and the others
+    still commit.
+    """
     try:
         conn.execute("BEGIN IMMEDIATE")
-        for op in ops:
-            conn.execute("SAVEPOINT op")
-            try:
-                value = op(conn)
-            except Exception as exc:
-                conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
-                results.append((False, _translate(exc)))
-            else:
-                conn.execute("RELEASE op")
-                results.append((True, value))
+        try:
+            results: list[Outcome] = [(True, op(conn)) for op in ops]
+        except Exception:
+            conn.rollback()
+            conn.execute("BEGIN IMMEDIATE")
+            results = [_isolated(conn, op) for op in ops]
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
         if conn.in_transaction:
             conn.rollback()
         raise StoreError(f"sqlite commit failed: {exc}") from exc
     return results
+
+
+def _isolated(conn: sqlite3.Connection, op: _Op) -> Outcome:
+    conn.execute("SAVEPOINT op")
+    try:
+        value = op(conn)
+    except Exception as exc:
+        conn.execute("ROLLBACK TO op")
+        conn.execute("RELEASE op")
+        return (False, _translate(exc))
+    conn.execute("RELEASE op")
+    return (True, value)
 
 
 class SQLiteStore:
