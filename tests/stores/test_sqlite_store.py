@@ -79,6 +79,31 @@ async def test_sqlite_concurrent_puts_share_commits(tmp_path: Path, make_message
         assert 1 <= store.commits <= 5
 
 
+async def test_sqlite_failing_write_fails_alone_in_a_shared_commit(
+    tmp_path: Path, make_message: Any
+) -> None:
+    """One write of a grouped batch fails (unknown message): it alone is undone, with its own
+    error; the writes before and after it in the same transaction are committed."""
+    path = tmp_path / "imrelay.db"
+    async with SQLiteStore(path, commit_interval_ms=20) as store:
+        results = await asyncio.gather(
+            store.put(make_message("m1")),
+            store.put(make_message("m2")),
+            store.set_state("dingtalk", "nope", MessageState.REPLIED),
+            store.put(make_message("m3")),
+            return_exceptions=True,
+        )
+        assert results[:2] == [True, True]
+        assert isinstance(results[2], StoreError)
+        assert results[3] is True
+        assert store.commits == 1
+    assert raw_query(path, "SELECT message_id FROM messages ORDER BY seq") == [
+        ("m1",),
+        ("m2",),
+        ("m3",),
+    ]
+
+
 async def test_sqlite_zero_commit_interval_still_commits(
     tmp_path: Path, make_message: Any
 ) -> None:
