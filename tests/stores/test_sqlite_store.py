@@ -104,6 +104,35 @@ async def test_sqlite_failing_write_fails_alone_in_a_shared_commit(
     ]
 
 
+async def test_sqlite_reads_share_the_writers_batch_and_fail_alone(
+    tmp_path: Path, make_message: Any
+) -> None:
+    """Reads queued beside writes run in the same hop: a broken read fails with StoreError,
+    the writes and the other reads of that batch succeed."""
+    async with SQLiteStore(tmp_path / "imrelay.db", commit_interval_ms=20) as store:
+        assert await store.put(make_message("m0"))
+
+        def broken(conn: sqlite3.Connection) -> object:
+            return conn.execute("SELECT nope FROM nowhere").fetchone()
+
+        results = await asyncio.gather(
+            store.put(make_message("m1")),
+            store._read(broken),
+            store.get("dingtalk", "m0"),
+            store.put(make_message("m2")),
+            return_exceptions=True,
+        )
+        assert results[0] is True
+        assert results[3] is True
+        assert isinstance(results[1], StoreError)
+        assert "sqlite query failed" in str(results[1])
+        record = results[2]
+        assert not isinstance(record, BaseException)
+        assert record is not None
+        assert record.message.message_id == "m0"
+        assert len(await store.pending()) == 3
+
+
 async def test_sqlite_zero_commit_interval_still_commits(
     tmp_path: Path, make_message: Any
 ) -> None:

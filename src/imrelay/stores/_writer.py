@@ -11,8 +11,9 @@ outcome per item: ``(True, result)`` or ``(False, exception)`` for an item that 
 own (the others still commit). If it raises, the transaction did not happen and every item of
 the batch gets the exception.
 
-Reads go through :meth:`GroupWriter.call`, on the same thread, so they see every committed
-write. :meth:`GroupWriter.aclose` commits what is queued, then closes the connection.
+Reads go through :meth:`GroupWriter.call`: a read joins the next batch (so reads and writes
+share one hop to the thread) and runs before that batch's writes, so it sees every write
+committed before it was queued. :meth:`GroupWriter.aclose` commits what is queued, then closes the connection.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar, cast
 
 from imrelay.errors import StoreError
 
@@ -42,6 +43,7 @@ _MAX_BATCH: Final = 1024
 class _Queued(Generic[_I]):
     item: _I
     future: asyncio.Future[Any]
+    read: Callable[[sqlite3.Connection], Any] | None = None  # a read rides along with writes
 
 
 class GroupWriter(Generic[_I, _R]):
@@ -146,9 +148,16 @@ class GroupWriter(Generic[_I, _R]):
         return result
 
     async def call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run ``fn(connection)`` on the thread (for reads); ``sqlite3.Error`` → StoreError."""
+        """Run ``fn(connection)`` on the thread (for reads); ``sqlite3.Error`` → StoreError.
+
+        The read joins the next batch (without waiting ``linger_s`` for company), so reads
+        and writes share one hop to the thread.
+        """
         self.check_open()
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._guard, fn)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Queued(cast(_I, None), future, fn))
+        result: _T = await future
+        return result
 
     def _guard(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         if self._conn is None:
@@ -164,7 +173,7 @@ class GroupWriter(Generic[_I, _R]):
             first = await self._queue.get()
             if first is None:
                 break
-            if self._queue.empty() and self._linger > 0:
+            if first.read is None and self._queue.empty() and self._linger > 0:
                 await asyncio.sleep(self._linger)
             batch = [first]
             while len(batch) < self._max_batch and not self._queue.empty():
@@ -175,17 +184,28 @@ class GroupWriter(Generic[_I, _R]):
                 batch.append(queued)
             await self._commit(batch)
 
-    def _execute(self, items: list[_I]) -> list[Outcome]:
-        if self._conn is None:
+    def _execute(self, batch: list[_Queued[_I]]) -> list[Outcome]:
+        """Reads first (each on its own: a failed read fails alone), then the writes' commit."""
+        conn = self._conn
+        if conn is None:
             raise StoreError(f"{self.name} is closed")
-        return self._commit_fn(self._conn, items)
+        reads: dict[int, Outcome] = {}
+        items: list[_I] = []
+        for index, queued in enumerate(batch):
+            if queued.read is None:
+                items.append(queued.item)
+                continue
+            try:
+                reads[index] = (True, self._guard(queued.read))
+            except Exception as exc:
+                reads[index] = (False, exc)
+        written = iter(self._commit_fn(conn, items) if items else [])
+        return [reads[i] if i in reads else next(written) for i in range(len(batch))]
 
     async def _commit(self, batch: list[_Queued[_I]]) -> None:
         loop = asyncio.get_running_loop()
         try:
-            outcomes = await loop.run_in_executor(
-                self._executor, self._execute, [q.item for q in batch]
-            )
+            outcomes = await loop.run_in_executor(self._executor, self._execute, batch)
         except asyncio.CancelledError:
             for queued in batch:
                 if not queued.future.done():
@@ -196,7 +216,8 @@ class GroupWriter(Generic[_I, _R]):
                 if not queued.future.done():
                     queued.future.set_exception(exc)
             return
-        self.commits += 1
+        if any(queued.read is None for queued in batch):
+            self.commits += 1
         for queued, (ok, value) in zip(batch, outcomes, strict=True):
             if queued.future.done():  # the caller was cancelled; the write stands
                 continue
