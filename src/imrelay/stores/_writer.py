@@ -13,7 +13,8 @@ the batch gets the exception.
 
 Reads go through :meth:`GroupWriter.call`: a read joins the next batch (so reads and writes
 share one hop to the thread) and runs before that batch's writes, so it sees every write
-committed before it was queued. :meth:`GroupWriter.aclose` commits what is queued, then closes the connection.
+committed before it was queued. :meth:`GroupWriter.aclose` commits what is queued, then closes
+the connection.
 """
 
 from __future__ import annotations
