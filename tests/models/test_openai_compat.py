@@ -6,8 +6,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import httpx2
-import openai
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -143,10 +142,13 @@ async def test_openai_backend_timeout_bounds_whole_stream(
         (429, ModelUnavailable, True),
         (503, ModelUnavailable, True),
         (502, ModelUnavailable, True),
+        (504, ModelUnavailable, True),
         (500, ModelResponseError, True),
+        (409, ModelResponseError, True),
         (408, ModelTimeout, True),
         (400, ModelResponseError, False),
         (401, ModelResponseError, False),
+        (403, ModelResponseError, False),
         (422, ModelResponseError, False),
     ],
 )
@@ -166,7 +168,10 @@ async def test_openai_backend_maps_http_status(
     assert exc.retryable is retryable
     assert f"http {status}" in str(exc)
     assert api_key not in str(exc)
-    assert isinstance(exc.__cause__, openai.APIStatusError)
+    cause = exc.__cause__
+    assert isinstance(cause, aiohttp.ClientResponseError)
+    assert cause.status == status
+    assert api_key not in repr(cause)  # the request's headers are not kept
 
 
 async def test_openai_backend_unknown_model_not_retryable(make_backend: Factory):
@@ -190,33 +195,69 @@ async def test_openai_backend_random_errors_are_retryable(
 async def test_openai_backend_connection_refused_is_unavailable(
     make_backend: Factory, closed_port: int, api_key: str, injected: bool
 ):
-    """Nothing listening gives a retryable ModelUnavailable (aiohttp and httpx2 transports)."""
+    """Nothing listening gives a retryable ModelUnavailable naming the root cause."""
     base_url = f"http://127.0.0.1:{closed_port}/v1"
     if injected:
-        async with httpx2.AsyncClient(timeout=2.0) as http:
+        async with aiohttp.ClientSession() as http:
             backend = OpenAICompatBackend(
                 "default",
                 OpenAIModelSettings(type="openai", base_url=base_url, model="m", api_key=api_key),
-                http_client=http,
+                session=http,
             )
             exc, _ = await expect_error(backend, ModelUnavailable)
             await backend.aclose()
-            assert not http.is_closed  # an injected client belongs to its owner
+            assert not http.closed  # an injected session belongs to its owner
     else:
         exc, _ = await expect_error(make_backend(base_url=base_url), ModelUnavailable)
     assert exc.retryable
-    assert "unreachable" in str(exc)
+    assert "unreachable (ConnectionRefusedError)" in str(exc)
     assert api_key not in str(exc)
 
 
-async def test_openai_backend_defaults_to_aiohttp_transport():
-    """Without an injected client, the backend uses openai's aiohttp-based client."""
+async def test_openai_backend_uses_injected_session(openai_sim: ModelSimulator):
+    """An injected session carries the requests (its default headers reach the endpoint)."""
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("x-from-session", ""))
+        return web.json_response({"object": "list", "data": [{"id": "m"}]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        async with aiohttp.ClientSession(headers={"x-from-session": "yes"}) as http:
+            backend = OpenAICompatBackend(
+                "default",
+                OpenAIModelSettings(
+                    type="openai", base_url=f"http://127.0.0.1:{port}/v1", model="m"
+                ),
+                session=http,
+            )
+            assert await backend.probe() == "1 model, m available"
+            await backend.aclose()
+            assert not http.closed
+    finally:
+        await runner.cleanup()
+    assert seen == ["yes"]
+
+
+async def test_openai_backend_owns_and_closes_its_session(openai_sim: ModelSimulator):
+    """Without an injected session one is built on first use and closed by aclose()."""
     backend = OpenAICompatBackend(
-        "default",
-        OpenAIModelSettings(type="openai", base_url="http://127.0.0.1:9/v1", model="m"),
+        "default", OpenAIModelSettings(type="openai", base_url=openai_sim.base_url, model="m")
     )
-    assert isinstance(backend._client._client, openai.DefaultAioHttpClient)
+    await backend.aclose()  # never used: nothing to close
+    assert await backend.probe() == "1 model, m not listed"
+    session = backend._session
+    assert isinstance(session, aiohttp.ClientSession)
+    assert not session.closed
     await backend.aclose()
+    assert session.closed
 
 
 async def test_openai_backend_probe_lists_models(make_backend: Factory):
@@ -273,14 +314,15 @@ async def test_openai_backend_never_leaks_api_key(
     assert api_key not in str(info.value)
 
 
+@pytest.mark.parametrize("stream", [True, False])
 async def test_openai_backend_sends_api_key(
-    make_backend: Factory, leaky_server: str, api_key: str
+    make_backend: Factory, leaky_server: str, api_key: str, stream: bool
 ):
-    """The configured key is sent as a bearer token (the leaky server saw it)."""
-    backend = make_backend(base_url=leaky_server)
+    """The configured key is sent as a bearer token (the leaky server saw it), never shown."""
+    backend = make_backend(base_url=leaky_server, stream=stream)
     exc, _ = await expect_error(backend, ModelResponseError)
-    assert isinstance(exc.__cause__, openai.AuthenticationError)
-    assert api_key in exc.__cause__.message
+    assert str(exc) == "model default answered http 401: incorrect api key provided: ***"
+    assert api_key not in repr(exc.__cause__)
 
 
 async def test_openai_backend_stops_cleanly_when_consumer_stops(

@@ -3,16 +3,25 @@
 Theory of operation: the pipeline builds a list of chat messages (OpenAI shape) and calls
 :meth:`ModelBackend.generate`, which yields text deltas as they arrive (a non-streaming backend
 yields once) and finally returns usage through :class:`Generation`. Errors are translated to
-:class:`~imrelay.errors.ModelError` subclasses at this edge.
+:class:`~imrelay.errors.ModelError` subclasses at this edge. :data:`REQUEST_ID` carries the id of
+the request being served to the backends, which pass it on to their endpoint when they can.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypedDict
 
-__all__ = ["ChatMessage", "Generation", "ModelBackend"]
+__all__ = ["REQUEST_ID", "ChatMessage", "Generation", "ModelBackend"]
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("imrelay_request_id", default=None)
+"""The id of the request being served, set by the caller around ``generate()``/``probe()``.
+
+HTTP backends send it as ``x-request-id``, so the endpoint's logs can be matched with
+imrelay's. ``None`` (the default) sends nothing.
+"""
 
 
 class ChatMessage(TypedDict):

@@ -1,54 +1,77 @@
 """A model backend for any OpenAI-compatible endpoint (vLLM, Ollama /v1, TGI, llama.cpp, …).
 
-Theory of operation: the official ``openai`` client (``AsyncOpenAI``) does the HTTP work, by
-default on its aiohttp transport (``openai.DefaultAioHttpClient``), with ``max_retries=0``:
-retrying belongs to the reliability layer above, which reads ``ModelError.retryable``. With
-``stream: true`` the answer is read as server-sent events and each text delta is yielded as it
-arrives; otherwise one request returns the whole text, yielded once.
+Theory of operation: the backend speaks the chat completions protocol itself, over one
+``aiohttp.ClientSession`` (https://platform.openai.com/docs/api-reference/chat). The session is
+built on first use, inside the running loop, with a keep-alive pool of up to 1000
+connections to the endpoint; an injected session is used as is and closed by its
+owner. A call is one ``POST {base_url}/chat/completions`` whose JSON body is built as a plain
+dict: ``model``, ``messages`` (as given), ``max_tokens``, ``temperature``, and with streaming
+``stream: true`` and ``stream_options: {include_usage: true}``. ``Authorization: Bearer`` is
+sent only when an API key is configured, and the request id of the turn being served
+(:data:`~imrelay.models.base.REQUEST_ID`, when set) as ``x-request-id``. Nothing is retried
+here: retrying belongs to the reliability layer above, which reads ``ModelError.retryable``.
+
+With ``stream: true`` the answer is read as server-sent events
+(https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation):
+the body is read as it arrives and cut into lines (CR, LF or CRLF, wherever the network split
+them); ``data:`` lines accumulate, a blank line ends an event, comments and other fields are
+skipped, and an event left incomplete when the body ends is dropped, as the standard says. Each
+event's data is decoded once (``json``); its ``choices[0].delta.content`` is yielded as it comes,
+``finish_reason``, ``usage``, ``id`` and the simulator's ``imrelay_sim.model_time_ms`` are
+copied to the :class:`~imrelay.models.base.Generation`. No other object is built per chunk and
+nothing is logged per chunk. ``data: [DONE]`` ends the answer (the rest of the body is read,
+briefly, so the connection goes back to the pool); a body that simply ends does too. A
+streaming request answered with plain JSON (a server that ignores ``stream``) is read as a
+whole answer. Without streaming one request returns the whole text, yielded once.
 
 ``timeout_s`` bounds the whole generation: every wait on the endpoint (the request, then each
-chunk) runs under one deadline fixed when :meth:`OpenAICompatBackend.generate` starts. The
-deadline is applied around each wait rather than around the generator body, because a timeout
-scope that spans a ``yield`` would cancel the *consumer* while it holds a delta.
+read of the body) runs under one deadline fixed when :meth:`OpenAICompatBackend.generate`
+starts. The deadline is applied around each wait rather than around the generator body,
+because a timeout scope that spans a ``yield`` would cancel the *consumer* while it holds a
+delta. Data already received is parsed without arming a timer. Connecting (DNS, TCP, TLS and
+waiting for a pooled connection) is also bounded by ``min(timeout_s, 10)`` s.
 
 Errors are translated here, at the edge (https://platform.openai.com/docs/guides/error-codes):
 
 =====================================  ==========================================
-openai / transport error               imrelay error
+transport error or answer              imrelay error
 =====================================  ==========================================
 timeout (connect, read, or budget)     ``ModelTimeout(retryable=True)``
 connection refused / reset / DNS       ``ModelUnavailable(retryable=True)``
 HTTP 429, 502, 503, 504                ``ModelUnavailable(retryable=True)``
 HTTP 408                               ``ModelTimeout(retryable=True)``
 HTTP 409, 500 and other 5xx            ``ModelResponseError(retryable=True)``
-other HTTP 4xx (400, 401, 404, 422…)   ``ModelResponseError(retryable=False)``
+other HTTP status (400, 401, 404…)     ``ModelResponseError(retryable=False)``
 unreadable response / error event      ``ModelResponseError(retryable=False)``
 =====================================  ==========================================
 
-The transport is classified from the deepest exception in the cause chain: the aiohttp adapter
-bundled with openai reports a refused connection as ``httpx2.ConnectTimeout``, while the root
-cause (``ConnectionRefusedError``) says what really happened.
+An HTTP error's text carries the endpoint's own message (``error.message``, or a top-level
+``message``), and every text that may repeat the request has the API key replaced by ``***``
+and is cut to 200 characters. The exception's ``__cause__`` is an
+``aiohttp.ClientResponseError`` (status, reason and headers; never the body). The transport is
+classified from the deepest exception in the cause chain, which says what really happened
+(``ConnectionRefusedError`` under aiohttp's ``ClientConnectorError``). Whatever arrived before
+an error stays in ``result.text``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import aiohttp
-import httpx2
-import openai
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from multidict import CIMultiDict, CIMultiDictProxy
 
+from imrelay import __version__
 from imrelay.config import OpenAIModelSettings
 from imrelay.errors import ModelError, ModelResponseError, ModelTimeout, ModelUnavailable
-from imrelay.models.base import ChatMessage, Generation
+from imrelay.models.base import REQUEST_ID, ChatMessage, Generation
 
-__all__ = ["SIM_TIME_HEADER", "OpenAICompatBackend", "build_http_client"]
+__all__ = ["SIM_TIME_HEADER", "OpenAICompatBackend"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,32 +80,82 @@ SIM_TIME_HEADER: Final = "x-imrelay-sim-model-time-ms"
 
 _CONNECT_TIMEOUT_S: Final = 10.0
 _DETAIL_MAX: Final = 200
-# Errors the openai client and its transports raise; ValueError covers undecodable JSON.
-_TRANSLATABLE: Final = (
-    openai.OpenAIError,
-    httpx2.HTTPError,
-    aiohttp.ClientError,
-    OSError,
-    ValueError,
-)
+_ERROR_BODY_MAX: Final = 64 * 1024
+# After [DONE], how long the rest of the body may take before the connection is dropped rather
+# than put back in the pool. The end of the body normally follows [DONE] at once.
+_DRAIN_S: Final = 0.25
+# Connections kept per endpoint. Idle ones close after 4 s: shorter than the 5 s keep-alive of
+# uvicorn-based servers (vLLM), so a pooled connection is not reused just as the server drops it.
+_POOL_SIZE: Final = 1000
+_KEEPALIVE_S: Final = 4.0
+# Errors aiohttp and the standard library raise while talking or decoding; ValueError covers
+# undecodable JSON. TimeoutError is an OSError.
+_TRANSLATABLE: Final = (aiohttp.ClientError, OSError, ValueError)
+# Raised by reading fields of a JSON answer of the wrong shape.
+_SHAPE_ERRORS: Final = (AttributeError, TypeError, KeyError, IndexError, ValueError)
 _UNAVAILABLE_STATUS: Final = frozenset({429, 502, 503, 504})
+_BOM: Final = b"\xef\xbb\xbf"
+_JSON_DECODER: Final = json.JSONDecoder()
 
 
-def build_http_client(timeout: httpx2.Timeout) -> httpx2.AsyncClient:
-    """The HTTP client for ``AsyncOpenAI``: its aiohttp transport when available.
+class _SSEDecoder:
+    """Cuts a ``text/event-stream`` body into the data of its events.
 
-    Args:
-        timeout: connect/read/write/pool timeouts.
-
-    Returns:
-        ``openai.DefaultAioHttpClient`` (aiohttp transport), or ``openai.DefaultAsyncHttpxClient``
-        when the installed openai cannot use aiohttp.
+    Feed it the body as it arrives, in pieces of any size; each call returns the data (the
+    ``data:`` lines joined by LF) of the events completed so far, as bytes. Line ends are CR, LF
+    or CRLF; a CR at the end of a piece is held back until the next piece says whether an LF
+    follows. Comments, ``event``, ``id``, ``retry`` and unknown fields are skipped; an event
+    without data is not an event.
     """
-    try:
-        return openai.DefaultAioHttpClient(timeout=timeout)
-    except RuntimeError:  # openai raises this when its aiohttp extra is missing
-        logger.info("openai aiohttp transport unavailable; using httpx2")
-        return openai.DefaultAsyncHttpxClient(timeout=timeout)
+
+    __slots__ = ("_data", "_pending", "_started")
+
+    def __init__(self) -> None:
+        self._pending: list[bytes] = []  # the unfinished line, in pieces
+        self._data: list[bytes] = []  # data lines of the event being read
+        self._started = False
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The data of every event that ``chunk`` completes."""
+        if not self._started:
+            self._started = True
+            if chunk.startswith(_BOM):
+                chunk = chunk[3:]
+        end = len(chunk) - 1 if chunk.endswith(b"\r") else len(chunk)
+        cut = max(chunk.rfind(b"\n", 0, end), chunk.rfind(b"\r", 0, end))
+        if cut < 0:
+            self._pending.append(chunk)
+            return []
+        if self._pending:
+            self._pending.append(chunk[: cut + 1])
+            lines = b"".join(self._pending).splitlines()
+            self._pending.clear()
+        else:
+            lines = chunk[: cut + 1].splitlines()
+        if cut + 1 < len(chunk):
+            self._pending.append(chunk[cut + 1 :])
+        return self._events(lines)
+
+    def finish(self) -> list[bytes]:
+        """At the end of the body: the events a held-back CR completes. An event the body did
+        not finish is dropped."""
+        lines = b"".join(self._pending).splitlines()
+        self._pending.clear()
+        return self._events(lines)  # an unterminated last line cannot end an event
+
+    def _events(self, lines: list[bytes]) -> list[bytes]:
+        events: list[bytes] = []
+        data = self._data
+        for line in lines:
+            if not line:
+                if data:
+                    events.append(data[0] if len(data) == 1 else b"\n".join(data))
+                    data.clear()
+            elif line.startswith(b"data:"):
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+            elif line == b"data":
+                data.append(b"")
+        return events
 
 
 def _cause_chain(exc: BaseException) -> list[BaseException]:
@@ -102,20 +175,15 @@ def _cause_chain(exc: BaseException) -> list[BaseException]:
 def _transport_kind(exc: BaseException) -> str | None:
     """``"timeout"``, ``"unavailable"`` or ``None``, judged from the deepest cause first."""
     for cause in reversed(_cause_chain(exc)):
-        if isinstance(cause, TimeoutError | httpx2.TimeoutException):
+        if isinstance(cause, TimeoutError):
             return "timeout"
-        if isinstance(cause, OSError | aiohttp.ClientError | httpx2.TransportError):
+        if isinstance(cause, OSError | aiohttp.ClientError):
             return "unavailable"
-    if isinstance(exc, openai.APITimeoutError):
-        return "timeout"
-    if isinstance(exc, openai.APIConnectionError):
-        return "unavailable"
     return None
 
 
-def _sim_time_ms(extra: Mapping[str, Any] | None) -> float | None:
-    sim = extra.get("imrelay_sim") if extra else None
-    value = sim.get("model_time_ms") if isinstance(sim, Mapping) else None
+def _sim_time_ms(sim: Any) -> float | None:
+    value = sim.get("model_time_ms") if isinstance(sim, dict) else None
     return float(value) if isinstance(value, int | float) else None
 
 
@@ -129,14 +197,46 @@ def _header_ms(headers: Mapping[str, str]) -> float | None:
         return None
 
 
+def _error_detail(body: Any) -> str | None:
+    """The endpoint's message in an error body: ``error.message``, ``error`` or ``message``."""
+    if not isinstance(body, dict):
+        return None
+    error = body.get("error")
+    message = error.get("message") if isinstance(error, dict) else error
+    if not isinstance(message, str) or not message:
+        message = body.get("message")
+    return message if isinstance(message, str) and message else None
+
+
+def _loads(raw: bytes) -> Any:
+    # json.loads(bytes) first guesses the encoding in Python; the body is UTF-8 (SSE always is).
+    return _JSON_DECODER.decode(raw.decode())
+
+
+def _encode(body: Mapping[str, Any]) -> bytes:
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate (e.g. from a "\ud83d" escape): send it escaped
+        return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _usage(result: Generation, usage: Any) -> None:
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if isinstance(prompt, int):
+        result.prompt_tokens = prompt
+    if isinstance(completion, int):
+        result.completion_tokens = completion
+
+
 class OpenAICompatBackend:
     """A :class:`~imrelay.models.base.ModelBackend` for an OpenAI-compatible endpoint.
 
     Args:
         name: the configured model name (used in errors and logs).
         settings: endpoint, model, sampling and timeout settings.
-        http_client: the HTTP client for ``AsyncOpenAI``; when given, its owner closes it and
-            its timeouts apply. By default an aiohttp-based client is built and owned.
+        session: the HTTP session to use; when given, its owner closes it (the backend's own
+            timeouts still apply to each request). By default the backend builds one on first
+            use and closes it in :meth:`aclose`.
         clock: a monotonic clock in seconds, for the timings in :class:`Generation`.
     """
 
@@ -145,24 +245,49 @@ class OpenAICompatBackend:
         name: str,
         settings: OpenAIModelSettings,
         *,
-        http_client: httpx2.AsyncClient | None = None,
+        session: aiohttp.ClientSession | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.name = name
         self.settings = settings
         self._clock = clock
         self._secret = settings.api_key.get_secret_value() if settings.api_key else ""
-        timeout = httpx2.Timeout(
-            settings.timeout_s, connect=min(settings.timeout_s, _CONNECT_TIMEOUT_S)
+        base = settings.urls[0].rstrip("/")
+        self._chat_url = f"{base}/chat/completions"
+        self._models_url = f"{base}/models"
+        self._session = session
+        self._owns_session = session is None
+        connect_s = min(settings.timeout_s, _CONNECT_TIMEOUT_S)
+        # The deadline bounds everything else; aiohttp's own total of 300 s must not apply.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_s, sock_connect=connect_s
         )
-        self._owns_http = http_client is None
-        self._client = openai.AsyncOpenAI(
-            base_url=settings.urls[0],
-            api_key=self._secret or "not-needed",
-            timeout=timeout,
-            max_retries=0,
-            http_client=http_client if http_client is not None else build_http_client(timeout),
-        )
+        headers = {"User-Agent": f"imrelay/{__version__}", "Accept": "application/json"}
+        if self._secret:
+            headers["Authorization"] = f"Bearer {self._secret}"
+        self._get_headers = headers
+        self._post_headers = {
+            **headers,
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream" if settings.stream else "application/json",
+        }
+
+    def _client(self) -> aiohttp.ClientSession:
+        session = self._session
+        if session is None:
+            connector = aiohttp.TCPConnector(
+                limit=_POOL_SIZE, limit_per_host=_POOL_SIZE, keepalive_timeout=_KEEPALIVE_S
+            )
+            session = self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout
+            )
+        return session
+
+    def _with_request_id(self, headers: dict[str, str]) -> dict[str, str]:
+        rid = REQUEST_ID.get()
+        if not rid or not rid.isprintable():  # a header cannot hold CR or LF
+            return headers
+        return {**headers, "x-request-id": rid}
 
     async def generate(
         self, messages: Sequence[ChatMessage], result: Generation
@@ -187,98 +312,165 @@ class OpenAICompatBackend:
         started = self._clock()
         parts: list[str] = []
         try:
-            if self.settings.stream:
-                stream = cast(
-                    "openai.AsyncStream[ChatCompletionChunk]",
-                    await self._create(messages, deadline, stream=True),
-                )
-                try:
-                    header_ms = _header_ms(stream.response.headers)
-                    while (chunk := await self._next(stream, deadline)) is not None:
-                        delta = self._read_chunk(chunk, result)
-                        if delta:
-                            if result.first_token_s is None:
-                                result.first_token_s = self._clock() - started
-                            parts.append(delta)
-                            yield delta
-                    if result.model_time_s is None and header_ms is not None:
+            resp = await self._post(messages, deadline)
+            try:
+                if not self.settings.stream or resp.content_type == "application/json":
+                    text = self._read_completion(await self._read_json(resp, deadline), result)
+                    result.first_token_s = self._clock() - started
+                    if text:
+                        parts.append(text)
+                        yield text
+                else:
+                    decoder = _SSEDecoder()
+                    content = resp.content
+                    done = False
+                    while not done:
+                        data = await self._read(content, deadline)
+                        for payload in decoder.feed(data) if data else decoder.finish():
+                            if payload.startswith(b"[DONE]"):
+                                done = True
+                                break
+                            delta = self._read_chunk(payload, result)
+                            if delta:
+                                if result.first_token_s is None:
+                                    result.first_token_s = self._clock() - started
+                                parts.append(delta)
+                                yield delta
+                        if not data:
+                            break
+                    if done:
+                        await self._drain(resp, deadline)
+                if result.model_time_s is None:
+                    header_ms = _header_ms(resp.headers)
+                    if header_ms is not None:
                         result.model_time_s = header_ms / 1000.0
-                finally:
-                    with contextlib.suppress(*_TRANSLATABLE):
-                        await stream.close()
-            else:
-                completion = cast(
-                    ChatCompletion, await self._create(messages, deadline, stream=False)
-                )
-                text = self._read_completion(completion, result)
-                result.first_token_s = self._clock() - started
-                if text:
-                    parts.append(text)
-                    yield text
+            finally:
+                resp.release()  # back to the pool when the body was read to its end
         finally:
             result.text = "".join(parts)
             result.total_s = self._clock() - started
 
-    async def _create(
-        self, messages: Sequence[ChatMessage], deadline: float, *, stream: bool
-    ) -> ChatCompletion | openai.AsyncStream[ChatCompletionChunk]:
+    async def _post(
+        self, messages: Sequence[ChatMessage], deadline: float
+    ) -> aiohttp.ClientResponse:
+        """Send the request; the response once its status and headers say it is an answer."""
         s = self.settings
-        extra: dict[str, Any] = (
-            {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
-        )
+        body: dict[str, Any] = {
+            "model": s.model,
+            "messages": messages if isinstance(messages, list) else list(messages),
+            "max_tokens": s.max_tokens,
+            "temperature": s.temperature,
+        }
+        if s.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        data = _encode(body)
+        headers = self._with_request_id(self._post_headers)
         try:
             async with asyncio.timeout_at(deadline):
-                return await self._client.chat.completions.create(  # type: ignore[no-any-return]
-                    model=s.model,
-                    messages=cast(Any, list(messages)),
-                    max_tokens=s.max_tokens,
-                    temperature=s.temperature,
-                    **extra,
+                resp = await self._client().post(
+                    self._chat_url, data=data, headers=headers, timeout=self._timeout
                 )
+                if not 200 <= resp.status < 300:
+                    try:
+                        raise await self._status_error(resp)
+                    finally:
+                        resp.release()
         except _TRANSLATABLE as exc:
-            raise self._translate(exc) from exc
+            raise self._translate(exc, s.timeout_s) from exc
+        return resp
 
-    async def _next(
-        self, stream: openai.AsyncStream[ChatCompletionChunk], deadline: float
-    ) -> ChatCompletionChunk | None:
+    async def _read(self, content: aiohttp.StreamReader, deadline: float) -> bytes:
+        """What has arrived of the body, waiting under the deadline if nothing has; EOF: b""."""
+        try:
+            data = content.read_nowait()
+            if data or content.is_eof():
+                return data
+            async with asyncio.timeout_at(deadline):
+                return await content.readany()
+        except _TRANSLATABLE as exc:
+            raise self._translate(exc, self.settings.timeout_s) from exc
+
+    async def _read_json(self, resp: aiohttp.ClientResponse, deadline: float) -> Any:
         try:
             async with asyncio.timeout_at(deadline):
-                return await anext(stream)
-        except StopAsyncIteration:
-            return None
+                raw = await resp.read()
+            return _loads(raw)
         except _TRANSLATABLE as exc:
-            raise self._translate(exc) from exc
+            raise self._translate(exc, self.settings.timeout_s) from exc
 
-    def _read_chunk(self, chunk: ChatCompletionChunk, result: Generation) -> str | None:
-        if chunk.usage is not None:
-            result.prompt_tokens = chunk.usage.prompt_tokens
-            result.completion_tokens = chunk.usage.completion_tokens
-        sim_ms = _sim_time_ms(chunk.model_extra)
-        if sim_ms is not None:
-            result.model_time_s = sim_ms / 1000.0
-        result.extra.setdefault("response_id", chunk.id)
-        if not chunk.choices:
-            return None
-        choice = chunk.choices[0]
-        if choice.finish_reason is not None:
-            result.extra["finish_reason"] = choice.finish_reason
-        return choice.delta.content
+    async def _drain(self, resp: aiohttp.ClientResponse, deadline: float) -> None:
+        """Read what follows ``[DONE]``, so the connection can be reused; else drop it."""
+        content = resp.content
+        if content.is_eof():
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(min(deadline, loop.time() + _DRAIN_S)):
+                while await content.readany():
+                    pass
+        except _TRANSLATABLE:
+            logger.debug("model %s: body did not end after [DONE]; connection dropped", self.name)
+            resp.close()
 
-    def _read_completion(self, completion: ChatCompletion, result: Generation) -> str:
-        if completion.usage is not None:
-            result.prompt_tokens = completion.usage.prompt_tokens
-            result.completion_tokens = completion.usage.completion_tokens
-        sim_ms = _sim_time_ms(completion.model_extra)
-        if sim_ms is not None:
-            result.model_time_s = sim_ms / 1000.0
-        if not completion.choices:
-            raise ModelResponseError(
-                f"model {self.name} answered without choices", backend=self.name
-            )
-        choice = completion.choices[0]
-        result.extra["response_id"] = completion.id
-        result.extra["finish_reason"] = choice.finish_reason
-        return choice.message.content or ""
+    def _read_chunk(self, payload: bytes, result: Generation) -> str | None:
+        """One stream event: copy usage, ids and timings to ``result``; return its text."""
+        try:
+            data = _loads(payload)
+            error = data.get("error")
+            if error:
+                detail = _error_detail(data) or "no message"
+                raise ModelResponseError(
+                    f"model {self.name} sent an error mid-stream: {self._scrub(detail)}",
+                    backend=self.name,
+                )
+            usage = data.get("usage")
+            if usage:
+                _usage(result, usage)
+            sim = data.get("imrelay_sim")
+            if sim:
+                sim_ms = _sim_time_ms(sim)
+                if sim_ms is not None:
+                    result.model_time_s = sim_ms / 1000.0
+            extra = result.extra
+            if "response_id" not in extra:
+                response_id = data.get("id")
+                if response_id is not None:
+                    extra["response_id"] = response_id
+            choices = data.get("choices")
+            if not choices:
+                return None
+            choice = choices[0]
+            finish = choice.get("finish_reason")
+            if finish is not None:
+                extra["finish_reason"] = finish
+            delta = choice.get("delta")
+            content = delta.get("content") if delta else None
+            return content if isinstance(content, str) else None
+        except _SHAPE_ERRORS as exc:
+            raise self._unusable(exc) from exc
+
+    def _read_completion(self, data: Any, result: Generation) -> str:
+        try:
+            usage = data.get("usage")
+            if usage:
+                _usage(result, usage)
+            sim_ms = _sim_time_ms(data.get("imrelay_sim"))
+            if sim_ms is not None:
+                result.model_time_s = sim_ms / 1000.0
+            choices = data.get("choices")
+            if not choices:
+                raise ModelResponseError(
+                    f"model {self.name} answered without choices", backend=self.name
+                )
+            choice = choices[0]
+            result.extra["response_id"] = data.get("id")
+            result.extra["finish_reason"] = choice.get("finish_reason")
+            message = choice.get("message")
+            content = message.get("content") if message else None
+        except _SHAPE_ERRORS as exc:
+            raise self._unusable(exc) from exc
+        return content if isinstance(content, str) else ""
 
     async def probe(self) -> str:
         """List the endpoint's models (``GET {base_url}/models``).
@@ -290,20 +482,35 @@ class OpenAICompatBackend:
         Raises:
             ModelError: the endpoint is unreachable, too slow, or refused the request.
         """
+        budget_s = min(self.settings.timeout_s, _CONNECT_TIMEOUT_S)
+        headers = self._with_request_id(self._get_headers)
         try:
-            async with asyncio.timeout(min(self.settings.timeout_s, _CONNECT_TIMEOUT_S)):
-                page = await self._client.models.list()
+            async with asyncio.timeout(budget_s):
+                resp = await self._client().get(
+                    self._models_url, headers=headers, timeout=self._timeout
+                )
+                try:
+                    if not 200 <= resp.status < 300:
+                        raise await self._status_error(resp)
+                    page = _loads(await resp.read())
+                finally:
+                    resp.release()
         except _TRANSLATABLE as exc:
-            raise self._translate(exc) from exc
-        ids = [m.id for m in page.data]
+            raise self._translate(exc, budget_s) from exc
+        try:
+            ids = [m.get("id") for m in page["data"]]
+        except _SHAPE_ERRORS as exc:
+            raise self._unusable(exc) from exc
         count = f"{len(ids)} model{'' if len(ids) == 1 else 's'}"
         state = "available" if self.settings.model in ids else "not listed"
         return f"{count}, {self.settings.model} {state}"
 
     async def aclose(self) -> None:
-        """Close the HTTP client, unless it was injected (its owner closes it)."""
-        if self._owns_http:
-            await self._client.close()
+        """Close the HTTP session, unless it was injected (its owner closes it)."""
+        session = self._session
+        if self._owns_session and session is not None:
+            self._session = None
+            await session.close()
 
     # -- errors -------------------------------------------------------------------------------
 
@@ -312,24 +519,55 @@ class OpenAICompatBackend:
             text = text.replace(self._secret, "***")
         return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 1] + "…"
 
-    def _translate(self, exc: BaseException) -> ModelError:
-        name, backend = self.name, self.name
-        if isinstance(exc, openai.APIStatusError):
-            status = exc.status_code
-            body = exc.body
-            detail = body.get("message") if isinstance(body, Mapping) else None
-            message = f"model {name} answered http {status}"
-            if isinstance(detail, str) and detail:
-                message += f": {self._scrub(detail)}"
-            if status == 408:
-                return ModelTimeout(message, backend=backend, retryable=True)
-            if status in _UNAVAILABLE_STATUS:
-                return ModelUnavailable(message, backend=backend, retryable=True)
+    async def _status_error(self, resp: aiohttp.ClientResponse) -> ModelError:
+        """The error for a non-2xx answer, with the endpoint's message when it gives one."""
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while size < _ERROR_BODY_MAX and (chunk := await resp.content.readany()):
+                chunks.append(chunk)
+                size += len(chunk)
+            detail = _error_detail(_loads(b"".join(chunks)))
+        except _TRANSLATABLE:  # not JSON, or cut short: the status says enough
+            detail = None
+        status, name = resp.status, self.name
+        message = f"model {name} answered http {status}"
+        if detail:
+            message += f": {self._scrub(detail)}"
+        if status == 408:
+            error: ModelError = ModelTimeout(message, backend=name, retryable=True)
+        elif status in _UNAVAILABLE_STATUS:
+            error = ModelUnavailable(message, backend=name, retryable=True)
+        else:
             retryable = status >= 500 or status == 409
-            return ModelResponseError(message, backend=backend, retryable=retryable)
+            error = ModelResponseError(message, backend=name, retryable=retryable)
+        # The request's headers hold the API key: the cause keeps only the method and the URL.
+        info = resp.request_info
+        error.__cause__ = aiohttp.ClientResponseError(
+            aiohttp.RequestInfo(
+                info.url.with_user(None),
+                info.method,
+                CIMultiDictProxy(CIMultiDict()),
+                info.real_url.with_user(None),
+            ),
+            (),
+            status=status,
+            message=resp.reason or "",
+            headers=resp.headers,
+        )
+        return error
+
+    def _unusable(self, exc: BaseException) -> ModelResponseError:
+        return ModelResponseError(
+            f"model {self.name} sent an unusable response: {type(exc).__name__}",
+            backend=self.name,
+        )
+
+    def _translate(self, exc: BaseException, budget_s: float) -> ModelError:
+        name, backend = self.name, self.name
         if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ClientError):
             return ModelTimeout(
-                f"model {name} did not answer within {self.settings.timeout_s:g} s",
+                f"model {name} did not answer within {budget_s:g} s",
                 backend=backend,
                 retryable=True,
             )
@@ -345,7 +583,4 @@ class OpenAICompatBackend:
                 backend=backend,
                 retryable=True,
             )
-        detail = exc.message if isinstance(exc, openai.APIError) else type(exc).__name__
-        return ModelResponseError(
-            f"model {name} sent an unusable response: {self._scrub(detail)}", backend=backend
-        )
+        return self._unusable(exc)
