@@ -41,7 +41,9 @@ async def expect_error(
 
 
 async def test_openai_backend_streams_deltas(make_backend: Factory, openai_sim: ModelSimulator):
-    """Streamed deltas concatenate to the full answer, and the result is filled in."""
+    """Streamed deltas concatenate to the full answer, and the result is filled in; paced
+    tokens arrive as separate deltas."""
+    openai_sim.set_behaviour(tokens_per_s=50)  # 20 ms apart: one read each
     backend = make_backend(max_tokens=100, temperature=0.2)
     deltas, result = await collect(backend)
     assert len(deltas) > 1
@@ -51,6 +53,7 @@ async def test_openai_backend_streams_deltas(make_backend: Factory, openai_sim: 
     assert result.prompt_tokens is not None
     assert result.prompt_tokens > 0
     assert result.completion_tokens == len(deltas)
+
     assert result.model_time_s is not None
     assert result.extra["finish_reason"] == "stop"
     assert result.extra["response_id"].startswith("chatcmpl-")
@@ -61,6 +64,18 @@ async def test_openai_backend_streams_deltas(make_backend: Factory, openai_sim: 
     assert sent["temperature"] == 0.2
     assert sent["model"] == "sim-model"
     assert sent["messages"] == HELLO
+
+
+async def test_openai_backend_yields_what_one_read_brought_as_one_delta(
+    make_backend: Factory, openai_sim: ModelSimulator
+) -> None:
+    """An unpaced answer arrives in one read: its tokens come out as one delta (each delta
+    costs a trip through the pipeline), and usage still counts every token."""
+    openai_sim.set_behaviour(tokens_per_s=None, latency_ms=None)
+    deltas, result = await collect(make_backend())
+    assert deltas == ["echo: hello there world (turns: 1)"]
+    assert result.completion_tokens is not None
+    assert result.completion_tokens > 1
 
 
 async def test_openai_backend_non_stream_yields_once(

@@ -16,7 +16,9 @@ With ``stream: true`` the answer is read as server-sent events
 the body is read as it arrives and cut into lines (CR, LF or CRLF, wherever the network split
 them); ``data:`` lines accumulate, a blank line ends an event, comments and other fields are
 skipped, and an event left incomplete when the body ends is dropped, as the standard says. Each
-event's data is decoded once (``json``); its ``choices[0].delta.content`` is yielded as it comes,
+event's data is decoded once (``json``); the ``choices[0].delta.content`` of the events one read
+of the socket brought are yielded together, as one delta (a fast server's whole answer often
+arrives in one read, and every delta costs a trip through the pipeline's generators),
 ``finish_reason``, ``usage``, ``id`` and the simulator's ``imrelay_sim.model_time_ms`` are
 copied to the :class:`~imrelay.models.base.Generation`. No other object is built per chunk and
 nothing is logged per chunk. ``data: [DONE]`` ends the answer (the rest of the body is read,
@@ -326,6 +328,7 @@ class OpenAICompatBackend:
                     done = False
                     while not done:
                         data = await self._read(content, deadline)
+                        arrived = len(parts)
                         for payload in decoder.feed(data) if data else decoder.finish():
                             if payload.startswith(b"[DONE]"):
                                 done = True
@@ -335,7 +338,8 @@ class OpenAICompatBackend:
                                 if result.first_token_s is None:
                                     result.first_token_s = self._clock() - started
                                 parts.append(delta)
-                                yield delta
+                        if len(parts) > arrived:  # what one read brought: one delta
+                            yield "".join(parts[arrived:])
                         if not data:
                             break
                     if done:
