@@ -44,8 +44,10 @@ from urllib.parse import urlsplit
 __all__ = [
     "HTTPClient",
     "HTTPConnectError",
+    "HTTPConnectTimeout",
     "HTTPError",
     "HTTPProtocolError",
+    "HTTPStatusError",
     "Response",
 ]
 
@@ -63,8 +65,29 @@ class HTTPConnectError(HTTPError):
     """The connection could not be made (refused, unreachable, DNS, TLS, connect timeout)."""
 
 
+class HTTPConnectTimeout(HTTPConnectError, TimeoutError):
+    """The connection was not made within the connect timeout."""
+
+
 class HTTPProtocolError(HTTPError):
     """The connection broke, or the answer is not HTTP/1.1 as this client reads it."""
+
+
+class HTTPStatusError(Exception):
+    """An answer with an error status, for callers that report one as the cause of their own
+    error. It holds the method, the URL without query or credentials, the status and the
+    reason; never headers or body (either may repeat a credential)."""
+
+    def __init__(self, method: str, url: str, status: int, reason: str) -> None:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        self.url = f"{parts.scheme}://{host}{parts.path}"
+        self.method = method
+        self.status = status
+        self.reason = reason
+        super().__init__(f"{method} {self.url}: http {status} {reason}".rstrip())
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +277,18 @@ class Response:
                 raise HTTPProtocolError(f"response body larger than {limit} bytes")
             parts.append(chunk)
         return b"".join(parts)
+
+    async def read_chunk(self) -> bytes:
+        """The next piece of the body as it arrives; ``b""`` at its end.
+
+        If a wait for it is cancelled (a timeout), the rest of the body cannot be read any
+        more: :meth:`release` then closes the connection.
+        """
+        try:
+            return await self._next_chunk() or b""
+        except BaseException:
+            self.release()
+            raise
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body's bytes as they arrive (chunk boundaries carry no meaning)."""
@@ -559,7 +594,7 @@ class HTTPClient:
                     server_hostname=origin.host if context is not None else None,
                 )
         except TimeoutError:
-            raise HTTPConnectError(
+            raise HTTPConnectTimeout(
                 f"connecting to {origin.host_header} timed out after {self.connect_timeout_s:g} s"
             ) from None
         except (OSError, ssl.SSLError) as exc:

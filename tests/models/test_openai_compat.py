@@ -6,12 +6,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 
+from imrelay import __version__
 from imrelay.config import OpenAIModelSettings
 from imrelay.errors import ModelError, ModelResponseError, ModelTimeout, ModelUnavailable
+from imrelay.http import HTTPClient, HTTPStatusError
 from imrelay.models import ModelPool, OpenAICompatBackend, build_model
 from imrelay.models.base import ChatMessage, Generation
 from imrelay.sim.model import ModelSimulator
@@ -184,8 +185,9 @@ async def test_openai_backend_maps_http_status(
     assert f"http {status}" in str(exc)
     assert api_key not in str(exc)
     cause = exc.__cause__
-    assert isinstance(cause, aiohttp.ClientResponseError)
+    assert isinstance(cause, HTTPStatusError)
     assert cause.status == status
+    assert cause.url == openai_sim.base_url + "/chat/completions"
     assert api_key not in repr(cause)  # the request's headers are not kept
 
 
@@ -213,15 +215,15 @@ async def test_openai_backend_connection_refused_is_unavailable(
     """Nothing listening gives a retryable ModelUnavailable naming the root cause."""
     base_url = f"http://127.0.0.1:{closed_port}/v1"
     if injected:
-        async with aiohttp.ClientSession() as http:
+        async with HTTPClient() as http:
             backend = OpenAICompatBackend(
                 "default",
                 OpenAIModelSettings(type="openai", base_url=base_url, model="m", api_key=api_key),
-                session=http,
+                client=http,
             )
             exc, _ = await expect_error(backend, ModelUnavailable)
             await backend.aclose()
-            assert not http.closed  # an injected session belongs to its owner
+            assert not http.closed  # an injected client belongs to its owner
     else:
         exc, _ = await expect_error(make_backend(base_url=base_url), ModelUnavailable)
     assert exc.retryable
@@ -229,12 +231,12 @@ async def test_openai_backend_connection_refused_is_unavailable(
     assert api_key not in str(exc)
 
 
-async def test_openai_backend_uses_injected_session(openai_sim: ModelSimulator):
-    """An injected session carries the requests (its default headers reach the endpoint)."""
+async def test_openai_backend_uses_injected_client(openai_sim: ModelSimulator):
+    """An injected client carries the requests (its User-Agent reaches the endpoint)."""
     seen: list[str] = []
 
     async def record(request: web.Request) -> web.Response:
-        seen.append(request.headers.get("x-from-session", ""))
+        seen.append(request.headers.get("User-Agent", ""))
         return web.json_response({"object": "list", "data": [{"id": "m"}]})
 
     app = web.Application()
@@ -245,34 +247,36 @@ async def test_openai_backend_uses_injected_session(openai_sim: ModelSimulator):
     await site.start()
     try:
         port = runner.addresses[0][1]
-        async with aiohttp.ClientSession(headers={"x-from-session": "yes"}) as http:
+        async with HTTPClient() as http:
             backend = OpenAICompatBackend(
                 "default",
                 OpenAIModelSettings(
                     type="openai", base_url=f"http://127.0.0.1:{port}/v1", model="m"
                 ),
-                session=http,
+                client=http,
             )
+            assert await backend.probe() == "1 model, m available"
             assert await backend.probe() == "1 model, m available"
             await backend.aclose()
             assert not http.closed
+            assert http.connections_made == 1  # the client's keep-alive pool was used
     finally:
         await runner.cleanup()
-    assert seen == ["yes"]
+    assert seen == [f"imrelay/{__version__}"] * 2
 
 
-async def test_openai_backend_owns_and_closes_its_session(openai_sim: ModelSimulator):
-    """Without an injected session one is built on first use and closed by aclose()."""
+async def test_openai_backend_owns_and_closes_its_client(openai_sim: ModelSimulator):
+    """Without an injected client one is built on first use and closed by aclose()."""
     backend = OpenAICompatBackend(
         "default", OpenAIModelSettings(type="openai", base_url=openai_sim.base_url, model="m")
     )
     await backend.aclose()  # never used: nothing to close
     assert await backend.probe() == "1 model, m not listed"
-    session = backend._session
-    assert isinstance(session, aiohttp.ClientSession)
-    assert not session.closed
+    client = backend._http
+    assert isinstance(client, HTTPClient)
+    assert not client.closed
     await backend.aclose()
-    assert session.closed
+    assert client.closed
 
 
 async def test_openai_backend_probe_lists_models(make_backend: Factory):

@@ -1,13 +1,14 @@
 """A model backend for any OpenAI-compatible endpoint (vLLM, Ollama /v1, TGI, llama.cpp, …).
 
-Theory of operation: the backend speaks the chat completions protocol itself, over one
-``aiohttp.ClientSession`` (https://platform.openai.com/docs/api-reference/chat). The session is
-built on first use, inside the running loop, with a keep-alive pool of up to 1000
-connections to the endpoint; an injected session is used as is and closed by its
-owner. A call is one ``POST {base_url}/chat/completions`` whose JSON body is built as a plain
-dict: ``model``, ``messages`` (as given), ``max_tokens``, ``temperature``, and with streaming
-``stream: true`` and ``stream_options: {include_usage: true}``. ``Authorization: Bearer`` is
-sent only when an API key is configured, and the request id of the turn being served
+Theory of operation: the backend speaks the chat completions protocol itself
+(https://platform.openai.com/docs/api-reference/chat) over the gateway's own HTTP/1.1 client,
+:class:`imrelay.http.HTTPClient`: the gateway passes its shared client (``client``), or the
+backend builds one on first use, with a keep-alive pool of up to 1000 connections to the
+endpoint, and closes it in :meth:`OpenAICompatBackend.aclose`. A call is one
+``POST {base_url}/chat/completions`` whose JSON body is built as a plain dict: ``model``,
+``messages`` (as given), ``max_tokens``, ``temperature``, and with streaming ``stream: true``
+and ``stream_options: {include_usage: true}``. ``Authorization: Bearer`` is sent only when an
+API key is configured, and the request id of the turn being served
 (:data:`~imrelay.models.base.REQUEST_ID`, when set) as ``x-request-id``. Nothing is retried
 here: retrying belongs to the reliability layer above, which reads ``ModelError.retryable``.
 
@@ -50,10 +51,10 @@ unreadable response / error event      ``ModelResponseError(retryable=False)``
 An HTTP error's text carries the endpoint's own message (``error.message``, or a top-level
 ``message``), and every text that may repeat the request has the API key replaced by ``***``
 and is cut to 200 characters. The exception's ``__cause__`` is an
-``aiohttp.ClientResponseError`` (status, reason and headers; never the body). The transport is
-classified from the deepest exception in the cause chain, which says what really happened
-(``ConnectionRefusedError`` under aiohttp's ``ClientConnectorError``). Whatever arrived before
-an error stays in ``result.text``.
+:class:`imrelay.http.HTTPStatusError` (method, URL without query, status and reason; never
+headers or body). The transport is classified from the deepest exception in the cause chain,
+which says what really happened (``ConnectionRefusedError`` under the client's
+``HTTPConnectError``). Whatever arrived before an error stays in ``result.text``.
 """
 
 from __future__ import annotations
@@ -65,12 +66,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final
 
-import aiohttp
-from multidict import CIMultiDict, CIMultiDictProxy
-
 from imrelay import __version__
 from imrelay.config import OpenAIModelSettings
 from imrelay.errors import ModelError, ModelResponseError, ModelTimeout, ModelUnavailable
+from imrelay.http import HTTPClient, HTTPError, HTTPStatusError, Response
 from imrelay.models.base import REQUEST_ID, ChatMessage, Generation
 
 __all__ = ["SIM_TIME_HEADER", "OpenAICompatBackend"]
@@ -90,9 +89,9 @@ _DRAIN_S: Final = 0.25
 # uvicorn-based servers (vLLM), so a pooled connection is not reused just as the server drops it.
 _POOL_SIZE: Final = 1000
 _KEEPALIVE_S: Final = 4.0
-# Errors aiohttp and the standard library raise while talking or decoding; ValueError covers
-# undecodable JSON. TimeoutError is an OSError.
-_TRANSLATABLE: Final = (aiohttp.ClientError, OSError, ValueError)
+# Errors the HTTP client and the standard library raise while talking or decoding (HTTPError
+# and TimeoutError are OSErrors); ValueError covers undecodable JSON.
+_TRANSLATABLE: Final = (OSError, ValueError)
 # Raised by reading fields of a JSON answer of the wrong shape.
 _SHAPE_ERRORS: Final = (AttributeError, TypeError, KeyError, IndexError, ValueError)
 _UNAVAILABLE_STATUS: Final = frozenset({429, 502, 503, 504})
@@ -179,7 +178,7 @@ def _transport_kind(exc: BaseException) -> str | None:
     for cause in reversed(_cause_chain(exc)):
         if isinstance(cause, TimeoutError):
             return "timeout"
-        if isinstance(cause, OSError | aiohttp.ClientError):
+        if isinstance(cause, OSError):
             return "unavailable"
     return None
 
@@ -236,9 +235,9 @@ class OpenAICompatBackend:
     Args:
         name: the configured model name (used in errors and logs).
         settings: endpoint, model, sampling and timeout settings.
-        session: the HTTP session to use; when given, its owner closes it (the backend's own
-            timeouts still apply to each request). By default the backend builds one on first
-            use and closes it in :meth:`aclose`.
+        client: the HTTP client to use (the gateway's shared one); when given, its owner
+            closes it. By default the backend builds one on first use and closes it in
+            :meth:`aclose`.
         clock: a monotonic clock in seconds, for the timings in :class:`Generation`.
     """
 
@@ -247,7 +246,7 @@ class OpenAICompatBackend:
         name: str,
         settings: OpenAIModelSettings,
         *,
-        session: aiohttp.ClientSession | None = None,
+        client: HTTPClient | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.name = name
@@ -257,13 +256,9 @@ class OpenAICompatBackend:
         base = settings.urls[0].rstrip("/")
         self._chat_url = f"{base}/chat/completions"
         self._models_url = f"{base}/models"
-        self._session = session
-        self._owns_session = session is None
-        connect_s = min(settings.timeout_s, _CONNECT_TIMEOUT_S)
-        # The deadline bounds everything else; aiohttp's own total of 300 s must not apply.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=connect_s, sock_connect=connect_s
-        )
+        self._http = client
+        self._owns_http = client is None
+        self._connect_s = min(settings.timeout_s, _CONNECT_TIMEOUT_S)
         headers = {"User-Agent": f"imrelay/{__version__}", "Accept": "application/json"}
         if self._secret:
             headers["Authorization"] = f"Bearer {self._secret}"
@@ -274,16 +269,16 @@ class OpenAICompatBackend:
             "Accept": "text/event-stream" if settings.stream else "application/json",
         }
 
-    def _client(self) -> aiohttp.ClientSession:
-        session = self._session
-        if session is None:
-            connector = aiohttp.TCPConnector(
-                limit=_POOL_SIZE, limit_per_host=_POOL_SIZE, keepalive_timeout=_KEEPALIVE_S
+    def _client(self) -> HTTPClient:
+        client = self._http
+        if client is None:
+            client = self._http = HTTPClient(
+                limit=_POOL_SIZE,
+                connect_timeout_s=self._connect_s,
+                keepalive_s=_KEEPALIVE_S,
+                user_agent=f"imrelay/{__version__}",
             )
-            session = self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout
-            )
-        return session
+        return client
 
     def _with_request_id(self, headers: dict[str, str]) -> dict[str, str]:
         rid = REQUEST_ID.get()
@@ -316,7 +311,8 @@ class OpenAICompatBackend:
         try:
             resp = await self._post(messages, deadline)
             try:
-                if not self.settings.stream or resp.content_type == "application/json":
+                content_type = resp.headers.get("content-type", "").partition(";")[0].strip()
+                if not self.settings.stream or content_type.lower() == "application/json":
                     text = self._read_completion(await self._read_json(resp, deadline), result)
                     result.first_token_s = self._clock() - started
                     if text:
@@ -324,10 +320,9 @@ class OpenAICompatBackend:
                         yield text
                 else:
                     decoder = _SSEDecoder()
-                    content = resp.content
                     done = False
                     while not done:
-                        data = await self._read(content, deadline)
+                        data = await self._read(resp, deadline)
                         arrived = len(parts)
                         for payload in decoder.feed(data) if data else decoder.finish():
                             if payload.startswith(b"[DONE]"):
@@ -354,9 +349,7 @@ class OpenAICompatBackend:
             result.text = "".join(parts)
             result.total_s = self._clock() - started
 
-    async def _post(
-        self, messages: Sequence[ChatMessage], deadline: float
-    ) -> aiohttp.ClientResponse:
+    async def _post(self, messages: Sequence[ChatMessage], deadline: float) -> Response:
         """Send the request; the response once its status and headers say it is an answer."""
         s = self.settings
         body: dict[str, Any] = {
@@ -372,30 +365,27 @@ class OpenAICompatBackend:
         headers = self._with_request_id(self._post_headers)
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await self._client().post(
-                    self._chat_url, data=data, headers=headers, timeout=self._timeout
+                resp = await self._client().request(
+                    "POST", self._chat_url, body=data, headers=headers
                 )
                 if not 200 <= resp.status < 300:
                     try:
-                        raise await self._status_error(resp)
+                        raise await self._status_error(resp, "POST", self._chat_url)
                     finally:
                         resp.release()
         except _TRANSLATABLE as exc:
             raise self._translate(exc, s.timeout_s) from exc
         return resp
 
-    async def _read(self, content: aiohttp.StreamReader, deadline: float) -> bytes:
+    async def _read(self, resp: Response, deadline: float) -> bytes:
         """What has arrived of the body, waiting under the deadline if nothing has; EOF: b""."""
         try:
-            data = content.read_nowait()
-            if data or content.is_eof():
-                return data
             async with asyncio.timeout_at(deadline):
-                return await content.readany()
+                return await resp.read_chunk()
         except _TRANSLATABLE as exc:
             raise self._translate(exc, self.settings.timeout_s) from exc
 
-    async def _read_json(self, resp: aiohttp.ClientResponse, deadline: float) -> Any:
+    async def _read_json(self, resp: Response, deadline: float) -> Any:
         try:
             async with asyncio.timeout_at(deadline):
                 raw = await resp.read()
@@ -403,19 +393,15 @@ class OpenAICompatBackend:
         except _TRANSLATABLE as exc:
             raise self._translate(exc, self.settings.timeout_s) from exc
 
-    async def _drain(self, resp: aiohttp.ClientResponse, deadline: float) -> None:
+    async def _drain(self, resp: Response, deadline: float) -> None:
         """Read what follows ``[DONE]``, so the connection can be reused; else drop it."""
-        content = resp.content
-        if content.is_eof():
-            return
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout_at(min(deadline, loop.time() + _DRAIN_S)):
-                while await content.readany():
+                while await resp.read_chunk():
                     pass
-        except _TRANSLATABLE:
+        except _TRANSLATABLE:  # read_chunk released (closed) the connection
             logger.debug("model %s: body did not end after [DONE]; connection dropped", self.name)
-            resp.close()
 
     def _read_chunk(self, payload: bytes, result: Generation) -> str | None:
         """One stream event: copy usage, ids and timings to ``result``; return its text."""
@@ -490,12 +476,10 @@ class OpenAICompatBackend:
         headers = self._with_request_id(self._get_headers)
         try:
             async with asyncio.timeout(budget_s):
-                resp = await self._client().get(
-                    self._models_url, headers=headers, timeout=self._timeout
-                )
+                resp = await self._client().request("GET", self._models_url, headers=headers)
                 try:
                     if not 200 <= resp.status < 300:
-                        raise await self._status_error(resp)
+                        raise await self._status_error(resp, "GET", self._models_url)
                     page = _loads(await resp.read())
                 finally:
                     resp.release()
@@ -510,11 +494,11 @@ class OpenAICompatBackend:
         return f"{count}, {self.settings.model} {state}"
 
     async def aclose(self) -> None:
-        """Close the HTTP session, unless it was injected (its owner closes it)."""
-        session = self._session
-        if self._owns_session and session is not None:
-            self._session = None
-            await session.close()
+        """Close the HTTP client, unless it was injected (its owner closes it)."""
+        client = self._http
+        if self._owns_http and client is not None:
+            self._http = None
+            await client.aclose()
 
     # -- errors -------------------------------------------------------------------------------
 
@@ -523,12 +507,12 @@ class OpenAICompatBackend:
             text = text.replace(self._secret, "***")
         return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 1] + "…"
 
-    async def _status_error(self, resp: aiohttp.ClientResponse) -> ModelError:
+    async def _status_error(self, resp: Response, method: str, url: str) -> ModelError:
         """The error for a non-2xx answer, with the endpoint's message when it gives one."""
         chunks: list[bytes] = []
         size = 0
         try:
-            while size < _ERROR_BODY_MAX and (chunk := await resp.content.readany()):
+            while size < _ERROR_BODY_MAX and (chunk := await resp.read_chunk()):
                 chunks.append(chunk)
                 size += len(chunk)
             detail = _error_detail(_loads(b"".join(chunks)))
@@ -546,19 +530,7 @@ class OpenAICompatBackend:
             retryable = status >= 500 or status == 409
             error = ModelResponseError(message, backend=name, retryable=retryable)
         # The request's headers hold the API key: the cause keeps only the method and the URL.
-        info = resp.request_info
-        error.__cause__ = aiohttp.ClientResponseError(
-            aiohttp.RequestInfo(
-                info.url.with_user(None),
-                info.method,
-                CIMultiDictProxy(CIMultiDict()),
-                info.real_url.with_user(None),
-            ),
-            (),
-            status=status,
-            message=resp.reason or "",
-            headers=resp.headers,
-        )
+        error.__cause__ = HTTPStatusError(method, url, status, resp.reason)
         return error
 
     def _unusable(self, exc: BaseException) -> ModelResponseError:
@@ -569,7 +541,7 @@ class OpenAICompatBackend:
 
     def _translate(self, exc: BaseException, budget_s: float) -> ModelError:
         name, backend = self.name, self.name
-        if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ClientError):
+        if isinstance(exc, TimeoutError) and not isinstance(exc, HTTPError):
             return ModelTimeout(
                 f"model {name} did not answer within {budget_s:g} s",
                 backend=backend,
