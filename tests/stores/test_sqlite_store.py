@@ -104,11 +104,11 @@ async def test_sqlite_failing_write_fails_alone_in_a_shared_commit(
     ]
 
 
-async def test_sqlite_reads_share_the_writers_batch_and_fail_alone(
+async def test_sqlite_failing_read_fails_alone_beside_writes(
     tmp_path: Path, make_message: Any
 ) -> None:
-    """Reads queued beside writes run in the same hop: a broken read fails with StoreError,
-    the writes and the other reads of that batch succeed."""
+    """A broken read among concurrent writes and reads fails with StoreError; the writes and
+    the other reads succeed."""
     async with SQLiteStore(tmp_path / "imrelay.db", commit_interval_ms=20) as store:
         assert await store.put(make_message("m0"))
 
@@ -131,6 +131,27 @@ async def test_sqlite_reads_share_the_writers_batch_and_fail_alone(
         assert record is not None
         assert record.message.message_id == "m0"
         assert len(await store.pending()) == 3
+
+
+async def test_sqlite_wal_is_checkpointed_in_the_background(
+    tmp_path: Path, make_message: Any
+) -> None:
+    """The writer's connection never checkpoints (that would wait for the disk on the event
+    loop): a background checkpoint copies the WAL into the database file soon after writes."""
+    path = tmp_path / "imrelay.db"
+    async with SQLiteStore(path) as store:
+        await asyncio.sleep(1.2)  # the schema's own checkpoint
+        size_before = path.stat().st_size
+        done_before = store._writer.checkpoints
+        await asyncio.gather(
+            *(store.put(make_message(f"m{i}", text="x" * 2000)) for i in range(300))
+        )
+        async with asyncio.timeout(5):
+            while store._writer.checkpoints == done_before:
+                await asyncio.sleep(0.05)
+        assert path.stat().st_size > size_before + 300 * 2000  # the rows reached the file
+        auto = store._writer._conn.execute("PRAGMA wal_autocheckpoint").fetchone()  # type: ignore[union-attr]
+        assert auto == (0,)
 
 
 async def test_sqlite_zero_commit_interval_still_commits(

@@ -2,11 +2,11 @@
 
 Theory of operation: the record format, the chain and its verification are in
 :mod:`imrelay.security.chain` (re-exported here). :meth:`AuditLog.append` queues a record; one
-writer task takes whatever is queued (lingering ``commit_interval_ms`` when alone), and on the
-log's own thread reads the chain head, chains and inserts the batch and commits it in one
-``BEGIN IMMEDIATE`` transaction. Callers resume after the commit. Reading the head inside the
-transaction keeps the chain linear even if two processes share the file. SQLite triggers
-refuse ``UPDATE`` and ``DELETE`` on records, so a mistaken tool cannot change history (a
+writer task takes whatever is queued (lingering ``commit_interval_ms`` when alone), and (see
+:mod:`imrelay.stores._writer`) reads the chain head, chains and inserts the batch and commits
+it in one ``BEGIN IMMEDIATE`` transaction. Callers resume after the commit. Reading the head
+inside the transaction keeps the chain linear even if two processes share the file. SQLite
+triggers refuse ``UPDATE`` and ``DELETE`` on records, so a mistaken tool cannot change history (a
 deliberate one can drop the triggers; the chain shows it). The file is separate from the inbox
 (its purge never touches it) and created with mode 0600.
 
@@ -16,7 +16,7 @@ is small enough to enumerate). ``identities: hashed`` replaces both with a keyed
 key, when set) for deployments whose policy forbids ids at rest. Message and answer text are
 stored only as SHA-256 of the text given (the masked text), unless ``include_text`` is set.
 
-Cost: the writer thread spends about 10 µs per record in batches (two canonical JSON dumps, a
+Cost: the writer spends about 10 µs per record in batches (two canonical JSON dumps, a
 SHA-256, an HMAC, one row); a lone record waits ``commit_interval_ms`` plus one commit.
 """
 
@@ -219,6 +219,7 @@ class AuditLog:
             connect=self._connect,
             commit=self._insert,
             linger_s=max(commit_interval_ms, 0.0) / 1000.0,
+            path=str(self.path),
         )
 
     @property
@@ -298,7 +299,7 @@ class AuditLog:
         return await self._writer.submit(_Pending(round(self._clock(), 6), kind, data, text))
 
     def _insert(self, conn: sqlite3.Connection, batch: list[_Pending]) -> list[Outcome]:
-        """Chain, sign and insert ``batch`` in one transaction (on the writer's thread)."""
+        """Chain, sign and insert ``batch`` in one transaction."""
         records: list[AuditRecord] = []
         rows: list[tuple[Any, ...]] = []
         try:

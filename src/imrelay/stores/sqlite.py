@@ -3,20 +3,23 @@
 Theory of operation: every write (``put``, ``set_state``, ``record_sent``, ``append``,
 ``clear``, ``purge``) becomes an operation on an asyncio queue. One writer task drains the
 queue: it takes whatever is queued when it wakes (and, if that is a single operation, lingers
-``commit_interval_ms`` for company), then runs the whole batch in one transaction on the store's
-only thread. Each operation runs inside its own ``SAVEPOINT`` so a failing one is rolled back
-alone; the callers' futures resolve only after ``COMMIT`` returned, so ``put`` returning ``True``
+``commit_interval_ms`` for company), then runs the whole batch in one transaction (see
+:mod:`imrelay.stores._writer`: the connection lives on the event loop, WAL checkpoints run in
+the background). The batch first runs without savepoints; if an operation fails, it is run
+again with a ``SAVEPOINT`` around each operation so the failing one is rolled back alone; the
+callers' futures resolve only after ``COMMIT`` returned, so ``put`` returning ``True``
 means the message is committed. Because operations run one after another on one connection, a
 duplicate within the same batch sees the keys its predecessor inserted: of two concurrent puts
 sharing a key exactly one wins.
 
-Reads run on the same thread between batches, so they see every committed write and never an
-uncommitted one.
+Reads run on the same connection between batches, so they see every committed write and never
+an uncommitted one.
 
 Durability: the database runs in WAL mode with ``synchronous=NORMAL``. A committed transaction is
 in the WAL file (the OS page cache) when ``COMMIT`` returns, so a process crash (``kill -9``,
 OOM) loses nothing; only an OS crash or power loss may lose the last few commits, which are
-fsynced at the next checkpoint. ``FULL`` would fsync every commit for that last guarantee.
+fsynced at the next checkpoint (at most about a second later while writes happen). ``FULL``
+would fsync every commit for that last guarantee.
 
 Dedup keys (``message_id`` plus ``dedup_keys``, per platform) are stamped with the store clock
 when the message is accepted and count for ``dedup_ttl_s`` seconds. A key older than that no
@@ -172,6 +175,7 @@ class SQLiteStore:
             connect=self._connect,
             commit=_execute,
             linger_s=max(commit_interval_ms, 0.0) / 1000.0,
+            path=self.path,
         )
 
     @property
