@@ -310,14 +310,17 @@ async def test_webhook_bad_or_stale_signature_rejected_401(
 
 
 async def test_webhook_replayed_request_rejected(endpoint: Endpoint) -> None:
-    """The same signed request sent again, even with another body, is refused as a replay."""
+    """The same signed request sent again is refused as a replay; another message signed in
+    the same millisecond (same timestamp, same sign: DingTalk's signature covers only the
+    timestamp) is a different request and is accepted."""
     headers = signed()
     first, _, _ = await endpoint.post(payload("msg1=="), headers)
     again, body, _ = await endpoint.post(payload("msg1=="), headers)
-    forged, _, _ = await endpoint.post(payload("msgForged=="), headers)
-    assert (first, again, forged) == (200, 401, 401)
+    same_ms, _, _ = await endpoint.post(payload("msg2=="), headers)
+    replayed, _, _ = await endpoint.post(payload("msg2=="), headers)
+    assert (first, again, same_ms, replayed) == (200, 401, 200, 401)
     assert body == {"error": "request already received"}
-    assert [m.message_id for m in endpoint.intake.offers] == ["msg1=="]
+    assert [m.message_id for m in endpoint.intake.offers] == ["msg1==", "msg2=="]
     assert endpoint.rejections() == {"replay": 2.0}
 
 

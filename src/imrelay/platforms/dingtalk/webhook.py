@@ -15,9 +15,15 @@ rejection is answered before anything is handed to the intake (nothing is stored
    processed further (no event handler exists yet). Without ``aes_key`` and ``token`` configured
    the callback is refused (404).
 4. Anything else is a bot message (§3.1): the ``timestamp`` and ``sign`` headers are verified
-   (window ``timestamp_window_s``, 401). A ``(timestamp, sign)`` pair is then reserved: the
-   signature does not cover the body, so a header pair seen once within its window is refused
-   afterwards (401, ``replay``). The body must be a JSON object (400) that
+   (window ``timestamp_window_s``, 401). The body is read, and ``(timestamp, sign, digest of
+   the body)`` is reserved: the same request seen again within its window is refused (401,
+   ``replay``). The body is part of the key because DingTalk's signature covers only the
+   timestamp: every message DingTalk sends within the same millisecond carries the same
+   ``timestamp`` and ``sign``, so a guard on the header pair alone refused legitimate messages
+   of a busy bot. The flip side, inherent in that signature: whoever captured one signed
+   request can sign other bodies with it until its timestamp leaves the window; set
+   ``allow_cidrs`` to DingTalk's egress addresses where that matters. The body must be a JSON
+   object (400) that
    :func:`~imrelay.platforms.dingtalk.events.parse_bot_message` accepts (400). If the worker is
    at capacity the answer is 503 with ``Retry-After: 1`` at once (no waiting). Otherwise the
    message is offered to the intake and the answer, ``200 {"msgtype":"empty"}``, is sent only
@@ -32,6 +38,7 @@ requests cannot flood the log. Logs never contain the app secret, a signature or
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import heapq
 import ipaddress
 import json
@@ -56,6 +63,8 @@ from imrelay.platforms.dingtalk.crypto import (
 from imrelay.platforms.dingtalk.events import parse_bot_message
 
 __all__ = ["REJECT_REASONS", "DingTalkWebhook"]
+
+_ReplayKey = tuple[str, str, bytes]
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +92,8 @@ _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class _ReplayGuard:
-    """``(timestamp, sign)`` pairs seen within their window; bounded and pruned by time.
+    """``(timestamp, sign, body digest)`` keys seen within their window; bounded and pruned by
+    time.
 
     Each pair expires when its timestamp leaves the window (it would then be refused as stale
     anyway). When ``capacity`` pairs are held, the one expiring first is forgotten.
@@ -94,13 +104,13 @@ class _ReplayGuard:
             raise ValueError("replay capacity must be at least 1")
         self.capacity = capacity
         self.evicted = 0
-        self._expiry: dict[tuple[str, str], float] = {}
-        self._heap: list[tuple[float, tuple[str, str]]] = []
+        self._expiry: dict[_ReplayKey, float] = {}
+        self._heap: list[tuple[float, _ReplayKey]] = []
 
     def __len__(self) -> int:
         return len(self._expiry)
 
-    def reserve(self, key: tuple[str, str], expires_at: float, now: float) -> bool:
+    def reserve(self, key: _ReplayKey, expires_at: float, now: float) -> bool:
         """Hold ``key`` until ``expires_at``; ``False`` if it is already held."""
         self._prune(now)
         if key in self._expiry:
@@ -117,7 +127,7 @@ class _ReplayGuard:
             heapq.heapify(self._heap)
         return True
 
-    def release(self, key: tuple[str, str]) -> None:
+    def release(self, key: _ReplayKey) -> None:
         """Forget ``key`` (its request was not accepted)."""
         self._expiry.pop(key, None)
 
@@ -209,22 +219,24 @@ class DingTalkWebhook:
             return self._reject("stale_timestamp", 401, str(exc))
         except SignatureError as exc:
             return self._reject("bad_signature", 401, str(exc))
-        key = (timestamp or "", sign or "")  # both verified present above
+        body = await self._read_body(request)
+        if body is None:
+            return self._reject("too_large", 413, "request body too large")
+        # both verified present above; the signature does not cover the body (see the module
+        # docstring), so the body's digest is part of what makes a request a replay
+        key = (timestamp or "", sign or "", hashlib.blake2b(body, digest_size=16).digest())
         if not self._replay.reserve(key, int(key[0]) / 1000 + window_s, now):
             return self._reject("replay", 401, "request already received")
         accepted = False
         try:
-            response = await self._accept(request, now)
+            response = await self._accept(body, now)
             accepted = response.status == 200
             return response
         finally:
             if not accepted:
                 self._replay.release(key)
 
-    async def _accept(self, request: web.Request, now: float) -> web.Response:
-        body = await self._read_body(request)
-        if body is None:
-            return self._reject("too_large", 413, "request body too large")
+    async def _accept(self, body: bytes, now: float) -> web.Response:
         data = _json_object(body)
         if data is None:
             return self._reject("bad_json", 400, "body is not a json object")
