@@ -8,7 +8,10 @@ never two holding the same conversation: a message whose conversation is still i
 and so do the later ones of that conversation, so each conversation's messages reach the bot in
 schedule order (the order the out-of-order count compares with).
 How late the simulator handed each message over compared with the schedule is kept as the
-*driver lag*; latencies start at the simulator's hand-over, not at the schedule.
+*driver lag*; latencies start at the simulator's hand-over, not at the schedule. The batches go
+over the keep-alive connections of an :class:`imrelay.http.HTTPClient`: at a hundred requests a
+second, aiohttp's client would cost the rig more CPU than the simulator spends handing the
+messages over.
 
 :meth:`Driver.collect` polls ``GET /_sim/replies?after=`` on the DingTalk simulator and
 ``GET /_sim/timings?after=`` on the model simulator in the background and feeds the
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import time
 from collections import deque
@@ -31,12 +35,14 @@ import aiohttp
 from imrelay.bench.load import Mix, build_message
 from imrelay.bench.procs import BenchProcessError
 from imrelay.bench.stats import Ledger, Sent
+from imrelay.http import HTTPClient
 
 __all__ = ["Driver"]
 
 _TICK_S = 0.01
 _MAX_IN_FLIGHT = 32
 _DUPLICATE_WINDOW_S = 0.3
+_REQUEST_TIMEOUT_S = 120.0
 
 
 class Driver:
@@ -73,6 +79,8 @@ class Driver:
         self.ledger = ledger
         self._max_batch = max_batch
         self._poll_interval_s = poll_interval_s
+        self._dingtalk_url = dingtalk_url.rstrip("/")
+        self._batches = HTTPClient(limit=16, user_agent="imrelay-bench")
         self._next = 0
         self._reply_after = 0
         self._timing_after = 0
@@ -141,6 +149,7 @@ class Driver:
         finally:
             for task in flying:
                 task.cancel()
+            await self._batches.aclose()
         phase.sort(key=lambda sent: sent.n)
         return phase
 
@@ -179,15 +188,25 @@ class Driver:
         items = [
             build_message(n, n % c, n // c, kind) for n, kind in zip(numbers, kinds, strict=True)
         ]
+        payload = json.dumps({"messages": items}, ensure_ascii=False).encode()
         try:
-            async with self._http.post(
-                f"{self._dingtalk}/_sim/messages/batch", json={"messages": items}
-            ) as resp:
-                body = await resp.json(content_type=None)
-                if resp.status != 200:
-                    raise BenchProcessError(f"the dingtalk simulator refused a batch: {body}")
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            async with asyncio.timeout(_REQUEST_TIMEOUT_S):
+                resp = await self._batches.request(
+                    "POST",
+                    f"{self._dingtalk_url}/_sim/messages/batch",
+                    body=payload,
+                    headers={"Content-Type": "application/json"},
+                )
+                raw = await resp.read()
+                status = resp.status
+        except (OSError, TimeoutError) as exc:
             raise BenchProcessError(f"the dingtalk simulator stopped answering: {exc}") from exc
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = raw.decode("utf-8", "replace")
+        if status != 200 or not isinstance(body, dict):
+            raise BenchProcessError(f"the dingtalk simulator refused a batch: {body}")
         for n, kind, ids in zip(numbers, kinds, body["sent"], strict=True):
             sent = Sent(
                 n=n,

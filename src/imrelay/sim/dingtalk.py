@@ -49,6 +49,19 @@ final HTTP status is recorded in :attr:`~DingTalkSimulator.webhook_results` by `
 
 Recorded traffic (ACKs, replies, injected messages, sessions) is bounded by ``max_records``;
 the oldest entries are forgotten first, and a forgotten session answers errcode 300001.
+
+Cost per message
+----------------
+A benchmark runs this simulator beside the bot under test on the same cores, so what it spends
+per message is taken from the bot. The routes every benchmark message goes through (the
+sessionWebhook, ``/_sim/messages/batch``, ``/_sim/replies``, ``/_sim/state`` and the gateway
+open) are answered by a lean HTTP/1.1 front (:class:`~imrelay.sim._common.FastFront`) that
+hands every other connection, WebSocket upgrades included, to aiohttp on the same port; both
+paths share one implementation per route. A batch's frames for one connection leave in one
+write. Payloads and frames are assembled from JSON pieces (same text as ``json.dumps``), ids
+come from a seeded RNG rather than system calls, messages and replies are kept as tuples (a
+reply's body as the JSON text that came), and ``?after=`` pages cost what is new, not what is
+remembered.
 """
 
 from __future__ import annotations
@@ -56,25 +69,35 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import inspect
+import itertools
 import json
 import logging
+import random
 import secrets
+import struct
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from imrelay.sim._common import (
     BoundedDict,
+    FastExchange,
+    FastFront,
     json_response,
+    json_str,
+    json_text,
+    json_text_response,
     loopback_url,
     new_request_id,
+    parse_json_object,
     read_json_object,
     require_seconds,
 )
@@ -111,11 +134,18 @@ PRESET_GROUPS: Final[tuple[tuple[str, str], ...]] = (
 )
 DEFAULT_GROUP_ID: Final = PRESET_GROUPS[0][0]
 DEFAULT_SENDER: Final = PRESET_USERS[0][0]
+_R = TypeVar("_R")
+_PRESET_NICKS: Final[Mapping[str, str]] = dict(PRESET_USERS)
+_PRESET_TITLES: Final[Mapping[str, str]] = dict(PRESET_GROUPS)
 
+_MAX_BODY: Final = 1024**2  # aiohttp's default client_max_size
+_WS_HIGH_WATER: Final = 2**16  # unsent bytes on a WebSocket before a batch waits
 _TICKET_TTL_S: Final = 90.0
 _TOKEN_TTL_S: Final = 7200.0
 _SESSION_TTL_MS: Final = 90 * 60 * 1000
 _UNKNOWN_TEXT: Final = "用户发送了一条消息，机器人暂不支持接收。"
+_dumps_compact: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_JSON_BOOL: Final = {True: "true", False: "false"}
 _FAULT_KEYS: Final = frozenset({"disconnect", "drop", "refuse_s", "silence_s", "throttle_s"})
 
 
@@ -147,26 +177,36 @@ class SimExtension(Protocol):
         ...
 
 
+@functools.lru_cache(maxsize=65_536)
 def _encrypted_id(kind: str, value: str) -> str:
-    """Return a stable opaque id shaped like DingTalk's ``$:LWCP_v1:$…`` ids."""
+    """Return a stable opaque id shaped like DingTalk's ``$:LWCP_v1:$…`` ids (memoised)."""
     digest = hashlib.sha256(f"{kind}:{value}".encode()).digest()[:18]
     return "$:LWCP_v1:$" + base64.b64encode(digest).decode()
 
 
-def _errcode(errcode: int, errmsg: str) -> web.Response:
-    """Return a webhook-style answer: always HTTP 200, the outcome is in ``errcode``."""
-    return json_response({"errcode": errcode, "errmsg": errmsg})
+def _errcode(errcode: int, errmsg: str) -> str:
+    """Return a webhook-style answer (sent with HTTP 200: the outcome is in ``errcode``)."""
+    return json_text({"errcode": errcode, "errmsg": errmsg})
+
+
+_OK_TEXT: Final = _errcode(0, "ok")
+_AFTER_ERROR: Final = '{"error": "after must be a non-negative integer"}'
 
 
 def _api_error(status: int, code: str, message: str) -> web.Response:
     """Return a new-API error body ``{"requestid","code","message"}``."""
-    return json_response(
-        {"requestid": new_request_id(), "code": code, "message": message}, status=status
-    )
+    return json_text_response(_api_error_text(code, message), status=status)
+
+
+def _api_error_text(code: str, message: str) -> str:
+    return json_text({"requestid": new_request_id(), "code": code, "message": message})
+
+
+_BAD_CREDENTIALS: Final = "无效的clientId或者clientSecret"
 
 
 def _bad_credentials() -> web.Response:
-    return _api_error(400, "invalidClientIdOrSecret", "无效的clientId或者clientSecret")
+    return _api_error(400, "invalidClientIdOrSecret", _BAD_CREDENTIALS)
 
 
 def _is_str(value: object) -> bool:
@@ -175,6 +215,17 @@ def _is_str(value: object) -> bool:
 
 def _is_str_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _text_frame(text: str) -> bytes:
+    """One unmasked, final WebSocket text frame (RFC 6455 §5.2), as a server sends it."""
+    payload = text.encode("utf-8")
+    size = len(payload)
+    if size < 126:
+        return struct.pack("!BB", 0x81, size) + payload
+    if size < 65536:
+        return struct.pack("!BBH", 0x81, 126, size) + payload
+    return struct.pack("!BBQ", 0x81, 127, size) + payload
 
 
 def _check_message_args(args: dict[str, object]) -> None:
@@ -199,6 +250,15 @@ def _check_message_args(args: dict[str, object]) -> None:
             raise ValueError(f"{name} must be a boolean")
 
 
+_REQUIRED_REPLY_FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
+    "text": ("content",),
+    "markdown": ("title", "text"),
+    "actionCard": ("title", "text"),
+    "link": ("title", "text", "messageUrl"),
+    "feedCard": (),
+}
+
+
 def _check_reply(msgtype: str, body: dict[str, Any]) -> str | None:
     """Validate a sessionWebhook body of a known msgtype (§2.1).
 
@@ -208,14 +268,7 @@ def _check_reply(msgtype: str, body: dict[str, Any]) -> str | None:
     sub = body.get(msgtype)
     if not isinstance(sub, dict):
         return msgtype
-    required: dict[str, tuple[str, ...]] = {
-        "text": ("content",),
-        "markdown": ("title", "text"),
-        "actionCard": ("title", "text"),
-        "link": ("title", "text", "messageUrl"),
-        "feedCard": (),
-    }
-    for key in required[msgtype]:
+    for key in _REQUIRED_REPLY_FIELDS[msgtype]:
         if not _is_str(sub.get(key)):
             return f"{msgtype}.{key}"
     if msgtype == "actionCard" and not (
@@ -251,11 +304,65 @@ def _check_reply(msgtype: str, body: dict[str, Any]) -> str | None:
 
 @dataclass(slots=True)
 class _Inbound:
-    """One injected bot message: its ids and the ready-made ``data`` JSON string."""
+    """One injected bot message: its ids and the ready-made ``data`` JSON string.
+
+    ``data_json`` is ``data`` quoted as a JSON string, ready to be placed in a frame (a message
+    that is redelivered is not quoted again).
+    """
 
     message_id: str
     msg_id: str
     data: str
+    data_json: str
+
+
+class _Message(NamedTuple):
+    """One injected message as ``GET /_sim/messages`` lists it (field names are the keys)."""
+
+    seq: int
+    msg_id: str
+    message_id: str
+    conversation_id: str
+    conversation_type: str
+    conversation_title: str
+    sender_id: str
+    sender_nick: str
+    msgtype: str
+    text: str
+    at_bot: bool
+    created_at: float
+
+
+class _Reply(NamedTuple):
+    """One message the bot sent; ``body`` is kept as JSON text, served again as it came."""
+
+    seq: int
+    msg_id: str | None
+    conversation_id: str
+    msgtype: str
+    body: str
+    received_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record as ``replies()`` returns it, the body parsed."""
+        return {
+            "seq": self.seq,
+            "msg_id": self.msg_id,
+            "conversation_id": self.conversation_id,
+            "msgtype": self.msgtype,
+            "body": json.loads(self.body),
+            "received_at": self.received_at,
+        }
+
+    def as_json(self) -> str:
+        """The record as one JSON object (``json.dumps`` of :meth:`as_dict`, body verbatim)."""
+        msg_id = "null" if self.msg_id is None else json_str(self.msg_id)
+        return (
+            f'{{"seq": {self.seq}, "msg_id": {msg_id}, '
+            f'"conversation_id": {json_str(self.conversation_id)}, '
+            f'"msgtype": {json_str(self.msgtype)}, "body": {self.body}, '
+            f'"received_at": {self.received_at!r}}}'
+        )
 
 
 @dataclass(slots=True)
@@ -348,8 +455,8 @@ class DingTalkSimulator:
         self._inflight: dict[str, tuple[_Inbound, float]] = {}
         self._tickets: dict[str, _Ticket] = {}
         self._sessions: BoundedDict[str, _Session] = BoundedDict(max_records)
-        self._replies: deque[dict[str, Any]] = deque(maxlen=max_records)
-        self._messages: deque[dict[str, Any]] = deque(maxlen=max_records)
+        self._replies: deque[_Reply] = deque(maxlen=max_records)
+        self._messages: deque[_Message] = deque(maxlen=max_records)
         self._reply_seq = 0
         self._message_seq = 0
         self._frame_seq = 0
@@ -362,9 +469,14 @@ class DingTalkSimulator:
         # msgtype -> downloadCode for media messages; set by the media extension when present
         self.media_code_factory: Callable[[str], str] | None = None
         self._app_id = str(uuid.uuid4())
+        # Ids, sessions and download codes: unpredictable enough for a simulator, and far
+        # cheaper per message than the secrets module's system calls.
+        self._random = random.Random(secrets.randbits(128))  # nosec B311  # not security
+        self._direct_ids: dict[str, str] = {}
         self._corp_id = "dingsim" + hashlib.sha256(app_key.encode()).hexdigest()[:16]
         self._bot_user_id = _encrypted_id("bot", app_key)
         self._runner: web.AppRunner | None = None
+        self._front: FastFront | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._flush_task: asyncio.Task[None] | None = None
         self._redeliver_task: asyncio.Task[None] | None = None
@@ -396,7 +508,7 @@ class DingTalkSimulator:
         """Bind the server; afterwards :attr:`port` and :attr:`base_url` are set."""
         if self._runner is not None:
             raise RuntimeError("simulator already started")
-        app = web.Application()
+        app = web.Application(client_max_size=_MAX_BODY)
         app.router.add_get("/", self._handle_index)
         app.router.add_post("/v1.0/gateway/connections/open", self._handle_open)
         app.router.add_get("/connect", self._handle_connect)
@@ -412,14 +524,28 @@ class DingTalkSimulator:
             ext.install(self, app)
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
+        # The routes every benchmark message goes through are answered by a lean front;
+        # everything else (the WebSocket included) by aiohttp, on the same port.
+        assert runner.server is not None  # nosec B101  # set by setup()
+        front = FastFront(
+            runner.server,
+            {
+                ("POST", "/robot/sendBySession"): self._fast_send_by_session,
+                ("POST", "/_sim/messages/batch"): self._fast_post_batch,
+                ("GET", "/_sim/replies"): self._fast_get_replies,
+                ("GET", "/_sim/state"): self._fast_state,
+                ("POST", "/v1.0/gateway/connections/open"): self._fast_open,
+            },
+            max_body=_MAX_BODY,
+        )
         try:
-            site = web.TCPSite(runner, self._host, self._bind_port)
-            await site.start()
+            await front.start(self._host, self._bind_port)
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
-        self.port = int(runner.addresses[0][1])
+        self._front = front
+        self.port = front.port
         self.base_url = loopback_url(self._host, self.port)
         if self._redeliver_after_s is not None:
             self._redeliver_task = self._spawn(self._redeliver_loop(self._redeliver_after_s))
@@ -443,6 +569,8 @@ class DingTalkSimulator:
         for ext in self.extensions:
             await ext.aclose()
         await self._webhook.aclose()
+        if self._front is not None:
+            await self._front.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -502,6 +630,12 @@ class DingTalkSimulator:
         args: dict[str, Any] = dict(locals())
         del args["self"]
         _check_message_args(args)
+        return await self._send_checked(args)
+
+    async def _send_checked(self, args: dict[str, Any]) -> dict[str, str]:
+        """:meth:`send_message` with every argument present and already validated."""
+        if self._runner is None or self._closed:
+            raise RuntimeError("simulator is not running")
         rec = self._build_inbound(**args)
         ids = {"msg_id": rec.msg_id, "message_id": rec.message_id}
         if self.webhook_url is not None:
@@ -516,12 +650,71 @@ class DingTalkSimulator:
         self._kick()
         return ids
 
+    async def _push_batch(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Stream mode: hand validated messages over in order, as :meth:`send_message` would.
+
+        Consecutive messages bound for the same connection leave in one write (with one
+        connection: the whole batch), instead of one system call each.
+
+        Returns:
+            ``{"msg_id", "message_id", "sent_at"}`` per message.
+        """
+        if self._runner is None or self._closed:
+            raise RuntimeError("simulator is not running")
+        sent: list[dict[str, Any]] = []
+        run: list[_Inbound] = []
+        run_conn: _Connection | None = None
+        for args in calls:
+            sent_at = self._clock()
+            rec = self._build_inbound(**args)
+            sent.append({"msg_id": rec.msg_id, "message_id": rec.message_id, "sent_at": sent_at})
+            conn = None
+            if not self._pending and (self._flush_task is None or self._flush_task.done()):
+                conn = self._pick()
+            if run and conn is not run_conn:
+                await self._push_run(run_conn, run)
+                run = []
+                if self._pending:  # the run failed and was queued: the rest waits behind it
+                    conn = None
+            if conn is None:
+                self._pending.append(rec)
+                continue
+            run_conn = conn
+            run.append(rec)
+        if run:
+            await self._push_run(run_conn, run)
+        self._kick()
+        return sent
+
+    async def _push_run(self, conn: _Connection | None, recs: list[_Inbound]) -> None:
+        """Send bot messages on ``conn`` in one write; queue the ones that could not go."""
+        assert conn is not None  # nosec B101  # a run always has its connection
+        if len(recs) == 1:
+            if not await self._push(conn, recs[0]):
+                self._pending.append(recs[0])
+            return
+        frames = [
+            self._frame(conn, "CALLBACK", BOT_MESSAGE_TOPIC, rec.message_id, rec.data_json)
+            for rec in recs
+        ]
+        tracked = self._redeliver_after_s is not None
+        if tracked:
+            now = asyncio.get_running_loop().time()
+            for rec in recs:
+                self._inflight.pop(rec.message_id, None)
+                self._inflight[rec.message_id] = (rec, now)
+        failed = recs[await self._send_many(conn, frames) :]
+        if tracked:
+            for rec in failed:
+                self._inflight.pop(rec.message_id, None)
+        self._pending.extend(failed)
+
     def replies(self, msg_id: str | None = None) -> list[dict[str, Any]]:
         """Return the recorded sessionWebhook replies in arrival order, optionally for one msgId.
 
         Each is ``{"seq", "msg_id", "conversation_id", "msgtype", "body", "received_at"}``.
         """
-        return [dict(r) for r in self._replies if msg_id is None or r["msg_id"] == msg_id]
+        return [r.as_dict() for r in self._replies if msg_id is None or r.msg_id == msg_id]
 
     def active_connections(self) -> int:
         """Return how many WebSockets are open and usable (not told to ``disconnect``)."""
@@ -615,66 +808,73 @@ class DingTalkSimulator:
         """Build the §1.7 payload of valid arguments and register its session."""
         group = conversation_type == "2"
         sender = sender_id or DEFAULT_SENDER
-        nick = sender_nick or dict(PRESET_USERS).get(sender, sender)
+        nick = sender_nick or _PRESET_NICKS.get(sender, sender)
         if conversation_id is None:
             conversation_id = DEFAULT_GROUP_ID if group else self._direct_conversation_id(sender)
-        msg_id = msg_id or "msg" + base64.urlsafe_b64encode(secrets.token_bytes(16)).decode()
+        bits = self._random.getrandbits
+        msg_id = msg_id or "msg" + base64.urlsafe_b64encode(bits(128).to_bytes(16)).decode()
         self._frame_seq += 1
         now_ms = int(self._clock() * 1000)
-        message_id = message_id or (
-            f"{secrets.token_hex(4)}_{self._frame_seq}_{now_ms:x}_{secrets.token_hex(3)[:5]}"
-        )
-        session = secrets.token_hex(16)
+        message_id = message_id or f"{bits(32):08x}_{self._frame_seq}_{now_ms:x}_{bits(20):05x}"
+        session = f"{bits(128):032x}"
         self._sessions[session] = _Session(msg_id, conversation_id, now_ms + _SESSION_TTL_MS)
         webhook_base = self._public_url or self.base_url
         mentioned = at_bot or not group
-        payload: dict[str, Any] = {
-            "conversationId": conversation_id,
-            "atUsers": [{"dingtalkId": self._bot_user_id}] if group and at_bot else [],
-            "chatbotCorpId": self._corp_id,
-            "chatbotUserId": self._bot_user_id,
-            "msgId": msg_id,
-            "senderNick": nick,
-            "isAdmin": is_admin,
-            "senderStaffId": sender,
-            "sessionWebhookExpiredTime": now_ms + _SESSION_TTL_MS,
-            "createAt": now_ms,
-            "senderCorpId": self._corp_id,
-            "conversationType": conversation_type,
-            "senderId": _encrypted_id("user", sender),
-            "isInAtList": mentioned,
-            "sessionWebhook": f"{webhook_base}/robot/sendBySession?session={session}",
-            "robotCode": self._app_key,
-            "msgtype": msgtype,
-        }
-        title = ""
-        if group:
-            title = dict(PRESET_GROUPS).get(conversation_id, "模拟群 Sim group")
-            payload["conversationTitle"] = title
-        payload.update(self._content(msgtype, text, leading_space=group and at_bot))
+        title = _PRESET_TITLES.get(conversation_id, "模拟群 Sim group") if group else ""
+        if msgtype == "text":
+            content = (
+                f'"text":{{"content":{json_str((" " + text) if group and at_bot else text)}}}'
+            )
+        else:
+            content = _dumps_compact(self._content(msgtype, text, leading_space=group and at_bot))
+            content = content[1:-1]
+        # The §1.7 payload, written as json.dumps(..., ensure_ascii=False, separators=(",", ":"))
+        # writes it, key order included (see tests/sim): assembled, it costs a fraction.
+        bot = json_str(self._bot_user_id)
+        corp = json_str(self._corp_id)
+        webhook = f"{webhook_base}/robot/sendBySession?session={session}"
+        at_users = f'[{{"dingtalkId":{bot}}}]' if group and at_bot else "[]"
+        title_field = f'"conversationTitle":{json_str(title)},' if group else ""
+        data = (
+            f'{{"conversationId":{json_str(conversation_id)},"atUsers":{at_users},'
+            f'"chatbotCorpId":{corp},"chatbotUserId":{bot},"msgId":{json_str(msg_id)},'
+            f'"senderNick":{json_str(nick)},"isAdmin":{_JSON_BOOL[is_admin]},'
+            f'"senderStaffId":{json_str(sender)},'
+            f'"sessionWebhookExpiredTime":{now_ms + _SESSION_TTL_MS},"createAt":{now_ms},'
+            f'"senderCorpId":{corp},"conversationType":{json_str(conversation_type)},'
+            f'"senderId":{json_str(_encrypted_id("user", sender))},'
+            f'"isInAtList":{_JSON_BOOL[mentioned]},"sessionWebhook":{json_str(webhook)},'
+            f'"robotCode":{json_str(self._app_key)},"msgtype":{json_str(msgtype)},'
+            f"{title_field}{content}}}"
+        )
         self._message_seq += 1
         self._messages.append(
-            {
-                "seq": self._message_seq,
-                "msg_id": msg_id,
-                "message_id": message_id,
-                "conversation_id": conversation_id,
-                "conversation_type": conversation_type,
-                "conversation_title": title,
-                "sender_id": sender,
-                "sender_nick": nick,
-                "msgtype": msgtype,
-                "text": text,
-                "at_bot": mentioned,
-                "created_at": now_ms / 1000,
-            }
+            _Message(
+                self._message_seq,
+                msg_id,
+                message_id,
+                conversation_id,
+                conversation_type,
+                title,
+                sender,
+                nick,
+                msgtype,
+                text,
+                mentioned,
+                now_ms / 1000,
+            )
         )
-        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-        return _Inbound(message_id=message_id, msg_id=msg_id, data=data)
+        return _Inbound(message_id, msg_id, data, json_str(data))
 
     def _direct_conversation_id(self, sender_id: str) -> str:
-        digest = hashlib.sha256(f"{self._app_key}:{sender_id}".encode()).digest()[:24]
-        return "cid" + base64.b64encode(digest).decode()
+        cid = self._direct_ids.get(sender_id)
+        if cid is None:
+            digest = hashlib.sha256(f"{self._app_key}:{sender_id}".encode()).digest()[:24]
+            cid = "cid" + base64.b64encode(digest).decode()
+            if len(self._direct_ids) >= 100_000:
+                self._direct_ids.clear()
+            self._direct_ids[sender_id] = cid
+        return cid
 
     def _content(self, msgtype: str, text: str, *, leading_space: bool) -> dict[str, Any]:
         """Return the msgtype-specific part of a payload (§1.7).
@@ -684,7 +884,7 @@ class DingTalkSimulator:
         """
 
         def code() -> str:
-            return base64.b64encode(secrets.token_bytes(36)).decode()
+            return base64.b64encode(self._random.getrandbits(288).to_bytes(36)).decode()
 
         def media() -> str:
             factory = self.media_code_factory
@@ -715,27 +915,32 @@ class DingTalkSimulator:
             }
         return {"content": {"unknownMsgType": _UNKNOWN_TEXT}, "ai_robot_sessionid": code()}
 
-    def _frame(self, conn: _Connection, kind: str, topic: str, message_id: str, data: str) -> str:
-        """Return a downstream frame (§1.3): every header a string, ``data`` a JSON string."""
-        headers = {
-            "appId": self._app_id,
-            "connectionId": conn.id,
-            "contentType": "application/json",
-            "messageId": message_id,
-            "time": str(int(self._clock() * 1000)),
-            "topic": topic,
-        }
-        frame = {"specVersion": "1.0", "type": kind, "headers": headers, "data": data}
-        return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+    def _frame(
+        self, conn: _Connection, kind: str, topic: str, message_id: str, data_json: str
+    ) -> str:
+        """Return a downstream frame (§1.3): every header a string, ``data`` a JSON string.
+
+        ``data_json`` is the ``data`` string already quoted as JSON. The frame is assembled
+        from pieces; the text is the same as ``json.dumps(frame, ensure_ascii=False,
+        separators=(",", ":"))`` of ``{"specVersion", "type", "headers", "data"}``.
+        """
+        return (
+            f'{{"specVersion":"1.0","type":{json_str(kind)},"headers":{{"appId":'
+            f'{json_str(self._app_id)},"connectionId":{json_str(conn.id)},'
+            f'"contentType":"application/json","messageId":{json_str(message_id)},'
+            f'"time":"{int(self._clock() * 1000)}","topic":{json_str(topic)}}},'
+            f'"data":{data_json}}}'
+        )
 
     def _system_frame(self, conn: _Connection, topic: str, data: dict[str, str]) -> str:
         message_id = f"sys-{topic}-{uuid.uuid4()}"
-        return self._frame(conn, "SYSTEM", topic, message_id, json.dumps(data))
+        return self._frame(conn, "SYSTEM", topic, message_id, json_str(json.dumps(data)))
 
     # ------------------------------------------------------------------ delivery
 
     def _silenced(self) -> bool:
-        return asyncio.get_running_loop().time() < self._silent_until
+        # Asked for every message: no clock read unless a silence fault was ever applied.
+        return bool(self._silent_until) and asyncio.get_running_loop().time() < self._silent_until
 
     def _refusing(self) -> bool:
         return asyncio.get_running_loop().time() < self._refuse_until
@@ -744,8 +949,9 @@ class DingTalkSimulator:
         """Return the next usable subscribed connection (round-robin), if any."""
         if self._silenced():
             return None
-        live = [c for c in self._conns.values() if c.wants_bot and not c.draining]
-        live = [c for c in live if not c.ws.closed]
+        live = [
+            c for c in self._conns.values() if c.wants_bot and not c.draining and not c.ws.closed
+        ]
         if not live:
             return None
         self._rr += 1
@@ -769,7 +975,7 @@ class DingTalkSimulator:
 
     async def _push(self, conn: _Connection, rec: _Inbound) -> bool:
         """Send one bot message on ``conn``; track it for redelivery before the await."""
-        frame = self._frame(conn, "CALLBACK", BOT_MESSAGE_TOPIC, rec.message_id, rec.data)
+        frame = self._frame(conn, "CALLBACK", BOT_MESSAGE_TOPIC, rec.message_id, rec.data_json)
         tracked = self._redeliver_after_s is not None
         if tracked:
             self._inflight.pop(rec.message_id, None)
@@ -790,6 +996,31 @@ class DingTalkSimulator:
             conn.draining = True
             return False
         return True
+
+    async def _send_many(self, conn: _Connection, texts: list[str]) -> int:
+        """Send text frames on ``conn`` in one write (framed as aiohttp frames them).
+
+        When the transport already holds more than :data:`_WS_HIGH_WATER` unsent bytes, the
+        last frame goes through aiohttp's writer instead, which waits for the transport to
+        drain as it does for every frame it sends.
+
+        Returns:
+            How many of the frames (the first ones) were sent.
+        """
+        transport = conn.transport
+        if conn.ws.closed or transport is None or transport.is_closing():
+            conn.draining = True
+            return 0
+        backed_up = transport.get_write_buffer_size() > _WS_HIGH_WATER
+        ours = texts[:-1] if backed_up else texts
+        try:
+            transport.write(b"".join(_text_frame(text) for text in ours))
+        except (ConnectionError, RuntimeError):
+            conn.draining = True
+            return 0
+        if backed_up and not await self._send(conn, texts[-1]):
+            return len(ours)
+        return len(texts)
 
     async def _redeliver_loop(self, after_s: float) -> None:
         loop = asyncio.get_running_loop()
@@ -864,12 +1095,23 @@ class DingTalkSimulator:
     # ------------------------------------------------------------------ HTTP handlers
 
     async def _handle_open(self, request: web.Request) -> web.Response:
-        body = await read_json_object(request)
+        status, answer = self._open(await request.read(), request.host)
+        return json_text_response(answer, status=status)
+
+    def _fast_open(self, exchange: FastExchange) -> None:
+        host = exchange.headers.get("host")
+        if host:  # else aiohttp names the host
+            exchange.respond_json(*self._open(exchange.body, host))
+
+    def _open(self, raw: bytes, host: str) -> tuple[int, str]:
+        """``POST /v1.0/gateway/connections/open``: the status and JSON text of the answer."""
+        body = parse_json_object(raw)[0]
         if body is None:
-            return _api_error(400, "invalidParameter", "body must be a json object")
+            return 400, _api_error_text("invalidParameter", "body must be a json object")
         self.open_calls.append({k: v for k, v in body.items() if k != "clientSecret"})
         if self._refusing() or self._closed:
-            return _api_error(503, "ServiceUnavailable", "service unavailable, retry later")
+            unavailable = "service unavailable, retry later"
+            return 503, _api_error_text("ServiceUnavailable", unavailable)
         client_id, client_secret = body.get("clientId"), body.get("clientSecret")
         if not (
             isinstance(client_id, str)
@@ -877,13 +1119,14 @@ class DingTalkSimulator:
             and secrets.compare_digest(client_id.encode(), self._app_key.encode())
             and secrets.compare_digest(client_secret.encode(), self._app_secret.encode())
         ):
-            return _bad_credentials()
+            return 400, _api_error_text("invalidClientIdOrSecret", _BAD_CREDENTIALS)
         subscriptions = body.get("subscriptions")
         if not isinstance(subscriptions, list) or not all(
             isinstance(s, dict) and _is_str(s.get("type")) and _is_str(s.get("topic"))
             for s in subscriptions
         ):
-            return _api_error(400, "invalidParameter", "subscriptions must be [{type, topic}]")
+            problem = "subscriptions must be [{type, topic}]"
+            return 400, _api_error_text("invalidParameter", problem)
         now = self._clock()
         for key in [k for k, t in self._tickets.items() if t.expires_at < now]:
             del self._tickets[key]
@@ -893,8 +1136,8 @@ class DingTalkSimulator:
         if self._public_url:
             base = self._public_url.replace("http", "ws", 1)
         else:
-            base = f"ws://{request.host}" if request.host else self.base_url.replace("http", "ws")
-        return json_response({"endpoint": f"{base}/connect", "ticket": ticket})
+            base = f"ws://{host}" if host else self.base_url.replace("http", "ws")
+        return 200, json_text({"endpoint": f"{base}/connect", "ticket": ticket})
 
     async def _handle_connect(self, request: web.Request) -> web.StreamResponse:
         if self._refusing() or self._closed:
@@ -951,14 +1194,26 @@ class DingTalkSimulator:
         return json_response({"accessToken": self._token[0], "expireIn": int(_TOKEN_TTL_S)})
 
     async def _handle_send_by_session(self, request: web.Request) -> web.Response:
-        if request.content_type != "application/json":
+        session = request.query.get("session", "")
+        answer = self._send_by_session(request.content_type, session, await request.read())
+        return json_text_response(answer)
+
+    def _fast_send_by_session(self, exchange: FastExchange) -> None:
+        if exchange.plain_query():  # else aiohttp decodes the query
+            session = exchange.query("session") or ""
+            answer = self._send_by_session(exchange.content_type, session, exchange.body)
+            exchange.respond_json(200, answer)
+
+    def _send_by_session(self, content_type: str, key: str, raw: bytes) -> str:
+        """Validate and record one sessionWebhook send; return the errcode answer (§2.1)."""
+        if content_type != "application/json":
             return _errcode(43004, "无效的HTTP HEADER Content-Type")
-        session = self._sessions.get(request.query.get("session", ""))
+        session = self._sessions.get(key)
         if session is None or session.expires_ms < int(self._clock() * 1000):
             return _errcode(300001, "session 不存在")
         if asyncio.get_running_loop().time() < self._throttle_until:
             return _errcode(130101, "send too fast, exceed 20 times per minute")
-        body = await read_json_object(request)
+        body, text = parse_json_object(raw)
         if body is None:
             return _errcode(40035, "缺少参数 json")
         msgtype = body.get("msgtype")
@@ -969,8 +1224,19 @@ class DingTalkSimulator:
             return _errcode(40035, f"缺少参数 {problem}")
         if not self.admit_send("webhook"):
             return _errcode(130101, "send too fast, exceed 20 times per minute")
-        self.record_reply(session.msg_id, session.conversation_id, msgtype, body)
-        return _errcode(0, "ok")
+        # The body is kept as the text that came, already known to be one JSON object.
+        self._reply_seq += 1
+        self._replies.append(
+            _Reply(
+                self._reply_seq,
+                session.msg_id,
+                session.conversation_id,
+                msgtype,
+                text,
+                self._clock(),
+            )
+        )
+        return _OK_TEXT
 
     # ------------------------------------------------------------------ for extensions
 
@@ -992,16 +1258,16 @@ class DingTalkSimulator:
         else ``None`` (OpenAPI sends name only the conversation).
         """
         self._reply_seq += 1
-        record = {
-            "seq": self._reply_seq,
-            "msg_id": msg_id,
-            "conversation_id": conversation_id,
-            "msgtype": msgtype,
-            "body": body,
-            "received_at": self._clock(),
-        }
+        record = _Reply(
+            self._reply_seq,
+            msg_id,
+            conversation_id,
+            msgtype,
+            json.dumps(body, ensure_ascii=False),
+            self._clock(),
+        )
         self._replies.append(record)
-        return record
+        return record.as_dict()
 
     def check_token(self, request: web.Request) -> web.Response | None:
         """``None`` if the request carries the current access token, else the error response.
@@ -1060,16 +1326,16 @@ class DingTalkSimulator:
 
     def knows_user(self, staff_id: str) -> bool:
         """Whether ``staff_id`` is a preset user or sent one of the remembered messages."""
-        if any(uid == staff_id for uid, _ in PRESET_USERS):
+        if staff_id in _PRESET_NICKS:
             return True
-        return any(m["sender_id"] == staff_id for m in reversed(self._messages))
+        return any(m.sender_id == staff_id for m in reversed(self._messages))
 
     def knows_group(self, conversation_id: str) -> bool:
         """Whether ``conversation_id`` is a preset group or a remembered message's group."""
-        if any(gid == conversation_id for gid, _ in PRESET_GROUPS):
+        if conversation_id in _PRESET_TITLES:
             return True
         return any(
-            m["conversation_id"] == conversation_id and m["conversation_type"] == "2"
+            m.conversation_id == conversation_id and m.conversation_type == "2"
             for m in reversed(self._messages)
         )
 
@@ -1095,6 +1361,14 @@ class DingTalkSimulator:
         return json_response(ids)
 
     async def _handle_post_batch(self, request: web.Request) -> web.Response:
+        status, answer = await self._post_batch(await request.read())
+        return json_text_response(answer, status=status)
+
+    async def _fast_post_batch(self, exchange: FastExchange) -> None:
+        status, answer = await self._post_batch(exchange.body)
+        exchange.respond_json(status, answer)
+
+    async def _post_batch(self, raw: bytes) -> tuple[int, str]:
         """``POST /_sim/messages/batch``: inject ``{"messages": [<POST /_sim/messages body>…]}``.
 
         Every item is validated first (a bad one answers 400 and nothing is sent). Stream
@@ -1103,33 +1377,34 @@ class DingTalkSimulator:
         ``{"msg_id", "message_id", "sent_at"}`` (this simulator's clock just before the
         message was handed over) plus, in HTTP mode, ``webhook_status`` and ``webhook_ms``
         (the gateway's final answer and how long the delivery took).
+
+        Returns:
+            The HTTP status and the JSON text of the answer.
         """
-        body = await read_json_object(request)
+        body = parse_json_object(raw)[0]
         items = body.get("messages") if body is not None else None
         if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-            return json_response({"error": "messages must be a list of objects"}, status=400)
-        calls: list[tuple[str, dict[str, Any]]] = []
-        signature = inspect.signature(self.send_message)
+            return 400, json_text({"error": "messages must be a list of objects"})
+        calls: list[dict[str, Any]] = []
         for n, item in enumerate(items):
-            unknown = sorted(set(item) - _MESSAGE_KEYS)
-            if unknown:
+            if not _MESSAGE_KEYS.issuperset(item):
+                unknown = sorted(set(item) - _MESSAGE_KEYS)
                 error = f"messages[{n}]: unknown keys: {', '.join(unknown)}"
-                return json_response({"error": error}, status=400)
-            kwargs = {k: v for k, v in item.items() if k != "text" and v is not None}
+                return 400, json_text({"error": error})
+            # The arguments send_message() would see: its defaults, then the item's values.
+            given = {k: v for k, v in item.items() if v is not None or k == "text"}
+            args = {**_MESSAGE_DEFAULTS, **given}
             try:
-                bound = signature.bind(item.get("text", ""), **kwargs)
-                bound.apply_defaults()
-                _check_message_args(dict(bound.arguments))
-            except (ValueError, TypeError) as exc:
-                return json_response({"error": f"messages[{n}]: {exc}"}, status=400)
-            calls.append((item.get("text", ""), kwargs))
+                _check_message_args(args)
+            except ValueError as exc:
+                return 400, json_text({"error": f"messages[{n}]: {exc}"})
+            calls.append(args)
         sent: list[dict[str, Any]] = [{} for _ in calls]
 
         async def deliver(indexes: list[int]) -> None:
             for n in indexes:
-                text, kwargs = calls[n]
                 sent_at, started = self._clock(), time.perf_counter()
-                ids = await self.send_message(text, **kwargs)
+                ids = await self._send_checked(calls[n])
                 sent[n] = {**ids, "sent_at": sent_at}
                 if self.webhook_url is not None:
                     sent[n]["webhook_status"] = self.webhook_results.get(ids["msg_id"], 0)
@@ -1137,61 +1412,69 @@ class DingTalkSimulator:
 
         try:
             if self.webhook_url is None:
-                await deliver(list(range(len(calls))))
+                sent = await self._push_batch(calls)
             else:
                 lanes: dict[str, list[int]] = {}
-                for n, (_, kwargs) in enumerate(calls):
-                    lanes.setdefault(self._conversation_of(kwargs), []).append(n)
+                for n, args in enumerate(calls):
+                    lanes.setdefault(self._conversation_of(args), []).append(n)
                 await asyncio.gather(*(deliver(lane) for lane in lanes.values()))
         except RuntimeError as exc:  # the simulator is closing
-            return json_response({"error": str(exc)}, status=503)
-        return json_response({"sent": sent})
+            return 503, json_text({"error": str(exc)})
+        return 200, json_text({"sent": sent})
 
-    def _conversation_of(self, kwargs: Mapping[str, Any]) -> str:
-        """The conversation a :meth:`send_message` call with ``kwargs`` lands in."""
-        cid = kwargs.get("conversation_id")
+    def _conversation_of(self, args: Mapping[str, Any]) -> str:
+        """The conversation a :meth:`send_message` call with ``args`` lands in."""
+        cid = args.get("conversation_id")
         if isinstance(cid, str):
             return cid
-        if kwargs.get("conversation_type") == "2":
+        if args.get("conversation_type") == "2":
             return DEFAULT_GROUP_ID
-        return self._direct_conversation_id(str(kwargs.get("sender_id") or DEFAULT_SENDER))
+        return self._direct_conversation_id(str(args.get("sender_id") or DEFAULT_SENDER))
 
     @staticmethod
     def _after(request: web.Request) -> int:
         raw = request.query.get("after", "0")
         if not raw.isdigit():
-            raise web.HTTPBadRequest(
-                text='{"error": "after must be a non-negative integer"}',
-                content_type="application/json",
-            )
+            raise web.HTTPBadRequest(text=_AFTER_ERROR, content_type="application/json")
         return int(raw)
 
     async def _handle_get_messages(self, request: web.Request) -> web.Response:
         after = self._after(request)
         cid = request.query.get("conversation_id")
         found = [
-            dict(m)
-            for m in self._messages
-            if m["seq"] > after and (cid is None or m["conversation_id"] == cid)
+            m._asdict()
+            for m in _newer(self._messages, self._message_seq, after)
+            if cid is None or m.conversation_id == cid
         ]
         return json_response({"messages": found})
 
     async def _handle_get_replies(self, request: web.Request) -> web.Response:
-        after = self._after(request)
-        msg_id = request.query.get("msg_id")
-        cid = request.query.get("conversation_id")
-        found: list[dict[str, Any]] = []
-        # Newest first, stopping at ``after``: a poller asking for what is new does not pay
-        # for every remembered reply (a benchmark polls many times a second).
-        for r in reversed(self._replies):
-            if r["seq"] <= after:
-                break
-            if (msg_id is None or r["msg_id"] == msg_id) and (
-                cid is None or r["conversation_id"] == cid
-            ):
-                found.append(dict(r))
-        found.reverse()
-        return json_response({"replies": found})
+        query = request.query
+        status, answer = self._replies_page(
+            query.get("after", "0"), query.get("msg_id"), query.get("conversation_id")
+        )
+        return json_text_response(answer, status=status)
+
+    def _fast_get_replies(self, exchange: FastExchange) -> None:
+        if exchange.plain_query():  # else aiohttp decodes the query
+            after = exchange.query("after")
+            status, answer = self._replies_page(
+                "0" if after is None else after,
+                exchange.query("msg_id"),
+                exchange.query("conversation_id"),
+            )
+            exchange.respond_json(status, answer)
+
+    def _replies_page(self, after: str, msg_id: str | None, cid: str | None) -> tuple[int, str]:
+        """``GET /_sim/replies``: the replies after seq ``after``, optionally filtered."""
+        if not after.isdigit():
+            return 400, _AFTER_ERROR
+        found = ", ".join(
+            r.as_json()
+            for r in _newer(self._replies, self._reply_seq, int(after))
+            if (msg_id is None or r.msg_id == msg_id) and (cid is None or r.conversation_id == cid)
+        )
+        return 200, f'{{"replies": [{found}]}}'
 
     async def _handle_faults(self, request: web.Request) -> web.Response:
         body = await read_json_object(request)
@@ -1206,10 +1489,35 @@ class DingTalkSimulator:
     async def _handle_state(self, request: web.Request) -> web.Response:
         return json_response(self.state())
 
+    def _fast_state(self, exchange: FastExchange) -> None:
+        exchange.respond_json(200, json_text(self.state()))
+
 
 _MESSAGE_KEYS: Final = frozenset(inspect.signature(DingTalkSimulator.send_message).parameters) - {
     "self"
 }
+_MESSAGE_DEFAULTS: Final[Mapping[str, Any]] = {
+    name: param.default
+    for name, param in inspect.signature(DingTalkSimulator.send_message).parameters.items()
+    if name != "self"
+}
+
+
+def _newer(records: deque[_R], last_seq: int, after: int) -> Iterable[_R]:
+    """The records with a sequence number above ``after``, oldest first.
+
+    ``records`` holds the newest records of a run numbered 1, 2, … ``last_seq`` without gaps
+    (older ones forgotten), so the new ones are the last ``last_seq - after``: a poller pays
+    for what is new, not for everything remembered.
+    """
+    count = min(last_seq - after, len(records))
+    if count <= 0:
+        return ()
+    if count == len(records):
+        return records
+    newest_first = list(itertools.islice(reversed(records), count))
+    newest_first.reverse()
+    return newest_first
 
 
 async def serve(

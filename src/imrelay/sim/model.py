@@ -24,6 +24,14 @@ Measured times are also kept in :attr:`ModelSimulator.timings`, keyed by the req
 ``GET /_sim/timings?after=<seq>`` lists the answered requests since ``seq``, each
 ``{"seq", "request_id", "model_time_ms", "text"}`` (``text``: the start of the last user
 message), so a benchmark in another process can take the model's time out of its latencies.
+
+Chat requests and the timings poll are answered by a lean HTTP/1.1 front
+(:class:`~imrelay.sim._common.FastFront`); anything it does not take plainly goes to aiohttp on
+the same port, and both go through one implementation (:meth:`ModelSimulator._answer`, writing
+to a :class:`_Sink`). An answer that needs no waiting is complete before the handler returns:
+a streamed one leaves in a single write, headers, events and the end of the chunked body
+together, its events assembled from constant pieces and the quoted words (the same text as
+``json.dumps``). With latency the headers go out first, as from a server that is thinking.
 """
 
 from __future__ import annotations
@@ -31,20 +39,22 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import json.encoder
 import logging
 import random
 import re
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, NamedTuple, Protocol
 
 from aiohttp import web
 
 from imrelay.models.echo import build_echo_answer, extract_content_text
+from imrelay.sim._common import FastExchange, FastFront
 
 __all__ = ["UNCHANGED", "ModelSimulator", "serve"]
 
@@ -52,6 +62,7 @@ logger = logging.getLogger(__name__)
 
 _TIME_HEADER: Final = "x-imrelay-sim-model-time-ms"
 _TIMING_TEXT_CHARS: Final = 200
+_MAX_BODY: Final = 64 * 1024 * 1024
 _ROLES: Final = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _PART_TYPES: Final = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
 _WORD = re.compile(r"\s*\S+")
@@ -67,6 +78,29 @@ _ERROR_KINDS: Final[Mapping[int, tuple[str, str | None, str]]] = {
     503: ("server_error", None, "the engine is currently overloaded, please try again later"),
     504: ("server_error", None, "gateway timeout"),
 }
+
+
+_quote: Final = json.encoder.encode_basestring_ascii
+_WORD_END: Final = b'}, "logprobs": null, "finish_reason": null}]}\n\n'
+
+
+class _Answered(NamedTuple):
+    """One answered chat request, as ``GET /_sim/timings`` lists it (field names are keys)."""
+
+    seq: int
+    request_id: str
+    model_time_ms: float
+    text: str
+
+
+class _BufferedStream(web.StreamResponse):
+    """A stream response whose headers go out with the first body bytes, not on ``prepare``.
+
+    Used when the whole answer is ready at once: headers, events and the end of the chunked
+    body then leave in a single write.
+    """
+
+    _send_headers_immediately = False
 
 
 class _Unchanged(Enum):
@@ -233,7 +267,7 @@ class ModelSimulator:
         self.max_recorded = max_recorded
         self.requests: list[dict[str, Any]] = []
         self.timings: dict[str, float] = {}
-        self._answered: deque[dict[str, Any]] = deque(maxlen=max_recorded)
+        self._answered: deque[_Answered] = deque(maxlen=max_recorded)
         self._answered_seq = 0
         self._behaviour = _Behaviour()
         self.set_behaviour(latency_ms=latency_ms, tokens_per_s=tokens_per_s, error_rate=error_rate)
@@ -242,6 +276,7 @@ class ModelSimulator:
         self._created = int(time.time())
         self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
+        self._front: FastFront | None = None
 
     @property
     def base_url(self) -> str:
@@ -291,7 +326,7 @@ class ModelSimulator:
         if self._runner is not None:
             return
         self._closing.clear()
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=_MAX_BODY)
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_get("/v1/models/{name}", self._get_model)
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -300,14 +335,26 @@ class ModelSimulator:
             app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
         )
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
+        assert runner.server is not None  # nosec B101  # set by setup()
+        # Chat requests and the timings poll are answered by a lean front, the rest (and
+        # anything unusual) by aiohttp, on the same port.
+        front = FastFront(
+            runner.server,
+            {
+                ("POST", "/v1/chat/completions"): self._fast_chat,
+                ("GET", "/_sim/timings"): self._fast_list_timings,
+            },
+            max_body=_MAX_BODY,
+            cancel_on_disconnect=True,
+        )
         try:
-            await site.start()
+            await front.start(self.host, self.port)
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
-        self.port = int(runner.addresses[0][1])
+        self._front = front
+        self.port = front.port
         logger.info("model simulator listening on %s", self.base_url)
 
     async def aclose(self) -> None:
@@ -316,6 +363,9 @@ class ModelSimulator:
         if runner is None:
             return
         self._closing.set()
+        if self._front is not None:
+            await self._front.close()
+            self._front = None
         await runner.cleanup()
         logger.info("model simulator stopped")
 
@@ -333,19 +383,23 @@ class ModelSimulator:
 
     # -- handlers ---------------------------------------------------------------------------
 
+    def _json_parts(
+        self, payload: Mapping[str, Any], *, status: int = 200, ms: float = 0.0, rid: str = ""
+    ) -> tuple[bytes, list[tuple[str, str]]]:
+        """The body and headers of a JSON answer (``Content-Type`` is added by the sender)."""
+        headers = [(_TIME_HEADER, f"{ms:.3f}")]
+        if rid:
+            headers.append(("x-request-id", rid))
+        if status == 429:
+            headers.append(("retry-after", "1"))
+        return json.dumps(payload).encode(), headers
+
     def _json(
         self, payload: Mapping[str, Any], *, status: int = 200, ms: float = 0.0, rid: str = ""
     ) -> web.Response:
-        headers = {_TIME_HEADER: f"{ms:.3f}"}
-        if rid:
-            headers["x-request-id"] = rid
-        if status == 429:
-            headers["retry-after"] = "1"
+        body, headers = self._json_parts(payload, status=status, ms=ms, rid=rid)
         return web.Response(
-            body=json.dumps(payload).encode(),
-            status=status,
-            headers=headers,
-            content_type="application/json",
+            body=body, status=status, headers=dict(headers), content_type="application/json"
         )
 
     async def _hang(self) -> web.Response:
@@ -371,17 +425,26 @@ class ModelSimulator:
         return self._json({"object": "list", "data": data})
 
     async def _list_timings(self, request: web.Request) -> web.Response:
-        raw = request.query.get("after", "0")
-        if not raw.isdigit():
-            return self._json(_error_body(400, "after must be a non-negative integer"), status=400)
-        after = int(raw)
-        found: list[dict[str, Any]] = []
-        for record in reversed(self._answered):  # newest first, stop at ``after``
-            if record["seq"] <= after:
-                break
-            found.append(record)
+        status, payload = self._timings_page(request.query.get("after", "0"))
+        return self._json(payload, status=status)
+
+    def _fast_list_timings(self, exchange: FastExchange) -> None:
+        if exchange.plain_query():  # else aiohttp decodes the query
+            after = exchange.query("after")
+            status, payload = self._timings_page("0" if after is None else after)
+            body, headers = self._json_parts(payload, status=status)
+            exchange.respond(status, body, "application/json", headers)
+
+    def _timings_page(self, after: str) -> tuple[int, dict[str, Any]]:
+        """``GET /_sim/timings``: the status and document listing the answers after ``after``."""
+        if not after.isdigit():
+            return 400, _error_body(400, "after must be a non-negative integer")
+        # Sequence numbers have no gaps: the new records are the last ``seq - after`` ones.
+        count = min(self._answered_seq - int(after), len(self._answered))
+        newest = itertools.islice(reversed(self._answered), max(count, 0))
+        found = [record._asdict() for record in newest]
         found.reverse()
-        return self._json({"timings": found})
+        return 200, {"timings": found}
 
     async def _get_model(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -405,40 +468,54 @@ class ModelSimulator:
                 text = extract_content_text(message.get("content"))[0][:_TIMING_TEXT_CHARS]
                 break
         self._answered_seq += 1
-        self._answered.append(
-            {"seq": self._answered_seq, "request_id": rid, "model_time_ms": ms, "text": text}
-        )
+        self._answered.append(_Answered(self._answered_seq, rid, ms, text))
         if len(self.timings) > self.max_recorded:
             for key in list(itertools.islice(self.timings, len(self.timings) // 2)):
                 del self.timings[key]
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         rid = request.headers.get("x-request-id") or f"req_sim_{next(self._ids)}"
-        raw = await request.read()
+        sink = _AiohttpSink(self, request)
+        pending = self._answer(sink, rid, await request.read())
+        if pending is not None:
+            await pending
+        return await sink.finish()
+
+    def _fast_chat(self, exchange: FastExchange) -> Awaitable[None] | None:
+        rid = exchange.headers.get("x-request-id") or f"req_sim_{next(self._ids)}"
+        return self._answer(_FastSink(self, exchange), rid, exchange.body)
+
+    def _answer(self, sink: _Sink, rid: str, raw: bytes) -> Awaitable[None] | None:
+        """Answer one chat completions request through ``sink``.
+
+        Everything that needs no waiting is answered before this returns; otherwise the
+        returned awaitable finishes the answer (latency, pacing, a hang).
+        """
         try:
             body = json.loads(raw)
         except ValueError:
             self._record({"_unparsed": raw[:1000].decode("utf-8", "replace")})
-            return self._json(
-                _error_body(400, "we could not parse the json body of your request"),
-                status=400,
-                rid=rid,
-            )
+            error = _error_body(400, "we could not parse the json body of your request")
+            sink.json(error, status=400, rid=rid)
+            return None
         self._record(body)
         b = self._behaviour
         if b.hang:
-            return await self._hang()
-        forced = self._forced(rid)
-        if forced is not None:
-            return forced
+            return self._hang_then(sink)
+        if b.status is not None:
+            payload = {} if b.status < 400 else _error_body(b.status)
+            sink.json(payload, status=b.status, rid=rid)
+            return None
         try:
             chat = _parse_chat_request(body, self.model_names)
         except _BadRequest as exc:
             error = _error_body(exc.status, exc.message, param=exc.param, code=exc.code)
             error["error"]["type"] = "invalid_request_error"
-            return self._json(error, status=exc.status, rid=rid)
+            sink.json(error, status=exc.status, rid=rid)
+            return None
         if b.error_rate and self._rng.random() < b.error_rate:
-            return self._json(_error_body(500), status=500, rid=rid)
+            sink.json(_error_body(500), status=500, rid=rid)
+            return None
         words = _WORD.findall(build_echo_answer(chat.messages))
         finish = "stop"
         if chat.max_tokens is not None and len(words) > chat.max_tokens:
@@ -446,9 +523,23 @@ class ModelSimulator:
         prompt_tokens = sum(
             len(extract_content_text(m.get("content"))[0].split()) + 1 for m in chat.messages
         )
+        answer = _Plan(chat, words, finish, prompt_tokens, rid, time.perf_counter())
+        latency, tps = b.latency_ms / 1000.0, b.tokens_per_s
         if chat.stream:
-            return await self._stream(request, chat, words, finish, prompt_tokens, rid)
-        return await self._complete(chat, words, finish, prompt_tokens, rid)
+            if latency <= 0 and tps is None:
+                sink.stream_all(self._stream_headers(answer, 0.0), self._events_now(answer))
+                return None
+            return self._stream(sink, answer, latency, tps)
+        delay = latency + (len(words) / tps if tps else 0.0)
+        if delay <= 0:
+            self._complete(sink, answer)
+            return None
+        return self._complete_later(sink, answer, delay)
+
+    async def _hang_then(self, sink: _Sink) -> None:
+        # Cancelled when the client disconnects (handler cancellation) or woken at aclose().
+        await self._closing.wait()
+        sink.json(_error_body(503, "the simulator is shutting down"), status=503)
 
     def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         return {
@@ -457,15 +548,13 @@ class ModelSimulator:
             "total_tokens": prompt_tokens + completion_tokens,
         }
 
-    async def _complete(
-        self, chat: _ChatRequest, words: list[str], finish: str, prompt_tokens: int, rid: str
-    ) -> web.Response:
-        started = time.perf_counter()
-        b = self._behaviour
-        delay = b.latency_ms / 1000.0 + (len(words) / b.tokens_per_s if b.tokens_per_s else 0.0)
-        if delay > 0:
-            await asyncio.sleep(delay)
-        ms = (time.perf_counter() - started) * 1000.0
+    async def _complete_later(self, sink: _Sink, answer: _Plan, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._complete(sink, answer)
+
+    def _complete(self, sink: _Sink, answer: _Plan) -> None:
+        chat, words, rid = answer.chat, answer.words, answer.rid
+        ms = (time.perf_counter() - answer.started) * 1000.0
         self._record_time(rid, ms, chat)
         payload = {
             "id": f"chatcmpl-{rid}",
@@ -478,59 +567,55 @@ class ModelSimulator:
                     "index": 0,
                     "message": {"role": "assistant", "content": "".join(words)},
                     "logprobs": None,
-                    "finish_reason": finish,
+                    "finish_reason": answer.finish,
                 }
             ],
-            "usage": self._usage(prompt_tokens, len(words)),
+            "usage": self._usage(answer.prompt_tokens, len(words)),
             "imrelay_sim": {"model_time_ms": ms},
         }
-        return self._json(payload, ms=ms, rid=rid)
+        sink.json(payload, ms=ms, rid=rid)
 
-    async def _stream(
-        self,
-        request: web.Request,
-        chat: _ChatRequest,
-        words: list[str],
-        finish: str,
-        prompt_tokens: int,
-        rid: str,
-    ) -> web.StreamResponse:
-        started = time.perf_counter()
-        b = self._behaviour
-        latency, tps = b.latency_ms / 1000.0, b.tokens_per_s
-        planned = (latency + (len(words) / tps if tps else 0.0)) * 1000.0
-        response = web.StreamResponse(
-            headers={
-                "content-type": "text/event-stream; charset=utf-8",
-                "cache-control": "no-cache",
-                "x-request-id": rid,
-                _TIME_HEADER: f"{planned:.3f}",
-            }
-        )
-        await response.prepare(request)
-        base: dict[str, Any] = {
-            "id": f"chatcmpl-{rid}",
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": chat.model,
-            "system_fingerprint": None,
-        }
-        if chat.include_usage:
-            base["usage"] = None
+    @staticmethod
+    def _stream_headers(answer: _Plan, planned_ms: float) -> list[tuple[str, str]]:
+        return [
+            ("content-type", "text/event-stream; charset=utf-8"),
+            ("cache-control", "no-cache"),
+            ("x-request-id", answer.rid),
+            (_TIME_HEADER, f"{planned_ms:.3f}"),
+        ]
 
-        def event(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> bytes:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            return (
-                b"data: " + json.dumps({**base, "choices": [choice], **extra}).encode() + b"\n\n"
+    def _events_now(self, answer: _Plan) -> bytes:
+        """Every event of an answer that is ready at once, ``[DONE]`` included."""
+        events = _Events(answer)
+        return events.head + events.words(answer.words) + self._tail(events, answer)
+
+    def _tail(self, events: _Events, answer: _Plan) -> bytes:
+        """Record the answer's time; return the closing events (finish, usage, ``[DONE]``)."""
+        ms = (time.perf_counter() - answer.started) * 1000.0
+        self._record_time(answer.rid, ms, answer.chat)
+        sim = {"imrelay_sim": {"model_time_ms": ms}}
+        if answer.chat.include_usage:
+            usage = self._usage(answer.prompt_tokens, len(answer.words))
+            tail = events.event({}, answer.finish) + events.document(
+                {"choices": [], "usage": usage, **sim}
             )
+        else:
+            tail = events.finish(answer.finish, ms)
+        return tail + b"data: [DONE]\n\n"
 
+    async def _stream(self, sink: _Sink, answer: _Plan, latency: float, tps: float | None) -> None:
+        words = answer.words
+        planned = (latency + (len(words) / tps if tps else 0.0)) * 1000.0
+        # The headers go out at once, before the wait, as a server that is thinking sends them.
+        await sink.stream_start(self._stream_headers(answer, planned))
+        events = _Events(answer)
         if latency > 0:
             await asyncio.sleep(latency)
-        head = event({"role": "assistant", "content": ""})
+        body = b""
         if tps is None:
-            await response.write(head + b"".join(event({"content": w}) for w in words))
+            body = events.head + events.words(words)
         else:
-            await response.write(head)
+            await sink.stream_write(events.head)
             begin, sent = time.perf_counter(), 0
             while sent < len(words):
                 due = begin + (sent + 1) / tps
@@ -540,29 +625,166 @@ class ModelSimulator:
                     now = time.perf_counter()
                 # Send every word that is due now, so the pace holds even when sleeps run late.
                 upto = min(len(words), max(sent + 1, int((now - begin) * tps)))
-                await response.write(b"".join(event({"content": w}) for w in words[sent:upto]))
+                await sink.stream_write(events.words(words[sent:upto]))
                 sent = upto
-        ms = (time.perf_counter() - started) * 1000.0
-        self._record_time(rid, ms, chat)
-        sim = {"imrelay_sim": {"model_time_ms": ms}}
-        if chat.include_usage:
-            tail = event({}, finish) + (
-                b"data: "
-                + json.dumps(
-                    {
-                        **base,
-                        "choices": [],
-                        "usage": self._usage(prompt_tokens, len(words)),
-                        **sim,
-                    }
-                ).encode()
-                + b"\n\n"
-            )
-        else:
-            tail = event({}, finish, **sim)
-        await response.write(tail + b"data: [DONE]\n\n")
-        await response.write_eof()
+        await sink.stream_end(body + self._tail(events, answer))
+
+
+@dataclass(slots=True)
+class _Plan:
+    """A valid chat request and the answer it gets (``started``: ``perf_counter`` on arrival)."""
+
+    chat: _ChatRequest
+    words: list[str]
+    finish: str
+    prompt_tokens: int
+    rid: str
+    started: float
+
+
+class _Events:
+    """The SSE events of one streamed answer.
+
+    Every event is ``{**base, "choices": [...], ...}`` exactly as ``json.dumps`` writes it; the
+    per-word events are assembled from that constant start and the quoted word.
+    """
+
+    def __init__(self, answer: _Plan) -> None:
+        self.base: dict[str, Any] = {
+            "id": f"chatcmpl-{answer.rid}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": answer.chat.model,
+            "system_fingerprint": None,
+        }
+        usage = ""
+        if answer.chat.include_usage:
+            self.base["usage"] = None
+            usage = ', "usage": null'
+        base = (
+            f'data: {{"id": {_quote(self.base["id"])}, "object": "chat.completion.chunk", '
+            f'"created": {self.base["created"]}, "model": {_quote(answer.chat.model)}, '
+            f'"system_fingerprint": null{usage}, "choices": [{{"index": 0, '
+        )
+        self._start = start = base.encode()
+        self._word = start + b'"delta": {"content": '
+        self.head = start + b'"delta": {"role": "assistant", "content": ""' + _WORD_END
+
+    def words(self, chunk: list[str]) -> bytes:
+        """One event per word."""
+        opening = self._word
+        return b"".join(opening + _quote(w).encode() + _WORD_END for w in chunk)
+
+    def document(self, fields: dict[str, Any]) -> bytes:
+        """One event of ``{**base, **fields}``."""
+        return b"data: " + json.dumps({**self.base, **fields}).encode() + b"\n\n"
+
+    def event(
+        self, delta: dict[str, Any], finish_reason: str | None = None, **extra: Any
+    ) -> bytes:
+        """One event with one choice."""
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return self.document({"choices": [choice], **extra})
+
+    def finish(self, reason: str, model_time_ms: float) -> bytes:
+        """The finishing event with the simulator's measured time (``event({}, reason, ...)``)."""
+        return b'%s"delta": {}, "logprobs": null, "finish_reason": %s}], %s}\n\n' % (
+            self._start,
+            _quote(reason).encode(),
+            b'"imrelay_sim": {"model_time_ms": %s}' % repr(model_time_ms).encode(),
+        )
+
+
+class _Sink(Protocol):
+    """Where :meth:`ModelSimulator._answer` sends an answer: aiohttp's response or the front's."""
+
+    def json(
+        self, payload: Mapping[str, Any], *, status: int = 200, ms: float = 0.0, rid: str = ""
+    ) -> None:
+        """Answer with a JSON document (whole, at once)."""
+        ...
+
+    def stream_all(self, headers: list[tuple[str, str]], events: bytes) -> None:
+        """Answer with a whole event stream in one write."""
+        ...
+
+    async def stream_start(self, headers: list[tuple[str, str]]) -> None:
+        """Send the head of an event stream now."""
+        ...
+
+    async def stream_write(self, events: bytes) -> None:
+        """Send events."""
+        ...
+
+    async def stream_end(self, events: bytes) -> None:
+        """Send the last events and end the stream."""
+        ...
+
+
+class _AiohttpSink:
+    """A :class:`_Sink` building aiohttp responses; :meth:`finish` returns the one to send."""
+
+    def __init__(self, sim: ModelSimulator, request: web.Request) -> None:
+        self._sim = sim
+        self._request = request
+        self._response: web.StreamResponse | None = None
+        self._events = b""
+
+    def json(
+        self, payload: Mapping[str, Any], *, status: int = 200, ms: float = 0.0, rid: str = ""
+    ) -> None:
+        self._response = self._sim._json(payload, status=status, ms=ms, rid=rid)
+
+    def stream_all(self, headers: list[tuple[str, str]], events: bytes) -> None:
+        self._response = _BufferedStream(headers=dict(headers))
+        self._events = events
+
+    async def stream_start(self, headers: list[tuple[str, str]]) -> None:
+        self._response = web.StreamResponse(headers=dict(headers))
+        await self._response.prepare(self._request)
+
+    async def stream_write(self, events: bytes) -> None:
+        assert self._response is not None  # nosec B101  # stream_start came first
+        await self._response.write(events)
+
+    async def stream_end(self, events: bytes) -> None:
+        assert self._response is not None  # nosec B101  # stream_start came first
+        await self._response.write_eof(events)
+
+    async def finish(self) -> web.StreamResponse:
+        """The response; a whole event stream is sent here (headers and events, one write)."""
+        response = self._response
+        assert response is not None  # nosec B101  # _answer always answers
+        if isinstance(response, _BufferedStream) and not response.prepared:
+            await response.prepare(self._request)
+            await response.write_eof(self._events)
         return response
+
+
+class _FastSink:
+    """A :class:`_Sink` answering through the lean front (:class:`FastExchange`)."""
+
+    def __init__(self, sim: ModelSimulator, exchange: FastExchange) -> None:
+        self._sim = sim
+        self._exchange = exchange
+
+    def json(
+        self, payload: Mapping[str, Any], *, status: int = 200, ms: float = 0.0, rid: str = ""
+    ) -> None:
+        body, headers = self._sim._json_parts(payload, status=status, ms=ms, rid=rid)
+        self._exchange.respond(status, body, "application/json", headers)
+
+    def stream_all(self, headers: list[tuple[str, str]], events: bytes) -> None:
+        self._exchange.end_stream(events, head=headers)
+
+    async def stream_start(self, headers: list[tuple[str, str]]) -> None:
+        self._exchange.start_stream(200, headers)
+
+    async def stream_write(self, events: bytes) -> None:
+        self._exchange.write_chunk(events)
+
+    async def stream_end(self, events: bytes) -> None:
+        self._exchange.end_stream(events)
 
 
 async def serve(
