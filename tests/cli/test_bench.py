@@ -73,6 +73,21 @@ async def test_bench_smoke_run_reports_every_figure() -> None:
     assert result["webhook"] is None
 
 
+async def test_bench_smoke_max_search_runs_several_steps() -> None:
+    """--max runs step after step on the same driver (a step's connections closed, the next
+    step's opened) and reports the rate search."""
+    code, out, err = await run_bench(
+        "--max", "--start-rate", "20", "--step-s", "1", "--step-factor", "2",
+        "--refine", "1", "--slo-ms", "1", "--conversations", "4", "--grace", "3", "--json",
+        timeout=90,
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)["results"]["imrelay"]
+    assert len(result["steps"]) >= 2
+    assert result["lost"] == 0
+    assert result["doubled"] == 0
+
+
 async def test_bench_smoke_webhook_ingress_reports_responses() -> None:
     """In webhook mode every signed request is accepted and its response time reported."""
     code, out, err = await run_bench(

@@ -80,7 +80,7 @@ class Driver:
         self._max_batch = max_batch
         self._poll_interval_s = poll_interval_s
         self._dingtalk_url = dingtalk_url.rstrip("/")
-        self._batches = HTTPClient(limit=16, user_agent="imrelay-bench")
+        self._batches = HTTPClient(limit=16, user_agent="imrelay-bench")  # one per send()
         self._next = 0
         self._reply_after = 0
         self._timing_after = 0
@@ -150,6 +150,7 @@ class Driver:
             for task in flying:
                 task.cancel()
             await self._batches.aclose()
+            self._batches = HTTPClient(limit=16, user_agent="imrelay-bench")
         phase.sort(key=lambda sent: sent.n)
         return phase
 
