@@ -38,6 +38,7 @@ async def test_direct_text_gets_model_answer(
     assert "echo: hello bot (turns: 1)" in reply_text(reply)
     assert dingtalk_sim.acks[ids["message_id"]]["code"] == 200
     assert len(model_sim.requests) == 1
+    assert list(model_sim.timings) == [ids["msg_id"]]  # sent as x-request-id: the trace id
     record = await gateway.store.get("dingtalk", ids["msg_id"])
     assert record is not None
     await wait_for(

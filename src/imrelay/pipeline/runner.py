@@ -12,6 +12,10 @@ Each of the three endings writes one INFO line, ``message <state>``, with the EC
 operator searches by (``event.outcome``, ``event.reason``, ``event.duration`` from receipt, the
 model's name, outcome and timings): the one per-message line above DEBUG, so that a log
 pipeline has a record of every message without DEBUG's volume. It never holds message text.
+
+While a message is handled, :data:`~imrelay.models.base.REQUEST_ID` holds its id: model
+backends send it to their endpoint as ``x-request-id``, so the model server's logs can be
+matched with the message's ``trace.id``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Final
 
 from imrelay.errors import PlatformAPIError
 from imrelay.message import InboundMessage, OutboundReply
+from imrelay.models.base import REQUEST_ID
 from imrelay.observability.logging import log_context, message_logger
 from imrelay.observability.metrics import Metrics
 from imrelay.pipeline.context import Drop, Stage, TurnContext
@@ -77,18 +82,23 @@ class Runner:
             conversation=message.conversation.id,
         )
         ctx = TurnContext(message=message, log=log, resumed=resumed)
-        with log_context(log.extra):  # lines written by the stages' collaborators carry it too
-            if self.include_text and logger.isEnabledFor(logging.DEBUG):
-                log.debug("processing %s message: %s", message.kind, message.text)
-            try:
-                state = await self._run(ctx)
-            except PlatformAPIError as exc:
-                log.warning("reply could not be sent: %s", exc)
-                state = await self._settle(ctx, MessageState.FAILED, "send_failed")
-            except Exception:
-                log.exception("message processing failed")
-                await self._notify_failure(ctx)
-                state = await self._settle(ctx, MessageState.FAILED, "internal_error")
+        # model backends send it as x-request-id: the endpoint's logs match the message's trace
+        request_id = REQUEST_ID.set(message.message_id)
+        try:
+            with log_context(log.extra):  # lines written by collaborators carry it too
+                if self.include_text and logger.isEnabledFor(logging.DEBUG):
+                    log.debug("processing %s message: %s", message.kind, message.text)
+                try:
+                    state = await self._run(ctx)
+                except PlatformAPIError as exc:
+                    log.warning("reply could not be sent: %s", exc)
+                    state = await self._settle(ctx, MessageState.FAILED, "send_failed")
+                except Exception:
+                    log.exception("message processing failed")
+                    await self._notify_failure(ctx)
+                    state = await self._settle(ctx, MessageState.FAILED, "internal_error")
+        finally:
+            REQUEST_ID.reset(request_id)
         return state
 
     async def _run(self, ctx: TurnContext) -> MessageState:
