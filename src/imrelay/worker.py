@@ -85,6 +85,9 @@ class Worker:
         self._on_accepted = on_accepted
         self._wall_clock = wall_clock
         metrics.inbox_oldest_age.set_function(self.oldest_age)
+        # read at scrape time: no gauge writes (each takes a lock) per message
+        metrics.inbox_depth.set_function(lambda: self._pending)
+        metrics.inflight.set_function(lambda: self._inflight)
 
     @property
     def pending(self) -> int:
@@ -173,7 +176,7 @@ class Worker:
 
     def _enqueue(self, entry: _Entry) -> None:
         self._pending += 1
-        self._update_gauges()
+        self._update_events()
         key = entry.message.key
         lane = self._lanes.get(key)
         if lane is None:
@@ -214,12 +217,10 @@ class Worker:
                     if new:
                         async with self._semaphore:
                             self._inflight += 1
-                            self._update_gauges()
                             try:
                                 await self.runner.handle(entry.message, resumed=entry.resumed)
                             finally:
                                 self._inflight -= 1
-                                self._update_gauges()
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # the runner settles its own failures; this is a last resort
@@ -239,9 +240,9 @@ class Worker:
 
     def _finished(self) -> None:
         self._pending -= 1
-        self._update_gauges()
+        self._update_events()
 
-    def _update_gauges(self) -> None:
+    def _update_events(self) -> None:
         if self._pending < self.max_pending:
             self._capacity.set()
         else:
@@ -250,8 +251,6 @@ class Worker:
             self._idle.set()
         else:
             self._idle.clear()
-        self.metrics.inbox_depth.set(self._pending)
-        self.metrics.inflight.set(self._inflight)
 
 
 def _relay(outcome: asyncio.Future[bool], commit: asyncio.Task[bool]) -> None:

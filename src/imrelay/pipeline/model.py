@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Histogram
 
 from imrelay.errors import ModelError, ModelTimeout, ModelUnavailable, PlatformAPIError
 from imrelay.models.base import ChatMessage, Generation, ModelBackend
@@ -46,6 +49,17 @@ def build_prompt(ctx: TurnContext, system_prompt: str | None) -> list[ChatMessag
     content = ctx.user_content if ctx.user_content is not None else ctx.message.text
     prompt.append({"role": "user", "content": content})
     return prompt
+
+
+@dataclass(frozen=True, slots=True)
+class _OkMetrics:
+    """One model's metric children for a successful call."""
+
+    requests: Counter
+    latency: Histogram
+    first_token: Histogram
+    prompt_tokens: Counter
+    completion_tokens: Counter
 
 
 def _outcome(exc: ModelError) -> str:
@@ -88,6 +102,7 @@ class GenerateStage:
         self.failure_notice = failure_notice
         self.clock = clock
         self.streams = streams
+        self._ok_metrics: dict[str, _OkMetrics] = {}  # per model: label lookups done once
 
     async def __call__(self, ctx: TurnContext) -> TurnContext | Drop:
         backend = self.models[ctx.model_name]
@@ -113,15 +128,24 @@ class GenerateStage:
                 await self._show_failure(ctx, stream)
             raise
         elapsed = self.clock() - started
-        m = self.metrics
-        m.model_requests.labels(ctx.model_name, "ok").inc()
-        m.model_latency.labels(ctx.model_name).observe(elapsed)
+        ok = self._ok_metrics.get(ctx.model_name)
+        if ok is None:
+            m, name = self.metrics, ctx.model_name
+            ok = self._ok_metrics[name] = _OkMetrics(
+                m.model_requests.labels(name, "ok"),
+                m.model_latency.labels(name),
+                m.model_first_token.labels(name),
+                m.model_tokens.labels(name, "prompt"),
+                m.model_tokens.labels(name, "completion"),
+            )
+        ok.requests.inc()
+        ok.latency.observe(elapsed)
         if result.first_token_s is not None:
-            m.model_first_token.labels(ctx.model_name).observe(result.first_token_s)
+            ok.first_token.observe(result.first_token_s)
         if result.prompt_tokens:
-            m.model_tokens.labels(ctx.model_name, "prompt").inc(result.prompt_tokens)
+            ok.prompt_tokens.inc(result.prompt_tokens)
         if result.completion_tokens:
-            m.model_tokens.labels(ctx.model_name, "completion").inc(result.completion_tokens)
+            ok.completion_tokens.inc(result.completion_tokens)
         ctx.generation = result
         ctx.answer = result.text
         if stream is not None:

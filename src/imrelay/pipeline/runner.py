@@ -25,6 +25,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
+from prometheus_client import Histogram
+
 from imrelay.errors import PlatformAPIError
 from imrelay.message import InboundMessage, OutboundReply
 from imrelay.models.base import REQUEST_ID
@@ -63,6 +65,7 @@ class Runner:
         self.stages = list(stages)
         # each stage's histogram child, looked up once (labels() takes a lock and a dict lookup)
         self._timers = [metrics.stage_latency.labels(stage.name) for stage in self.stages]
+        self._done_timers: dict[str, tuple[Histogram, Histogram]] = {}  # per platform
         self.on_settled = on_settled
         self.sender = sender
         self.inbox = inbox
@@ -134,9 +137,15 @@ class Runner:
     def _observe_done(self, ctx: TurnContext) -> None:
         msg = ctx.message
         latency = max(self.wall_clock() - msg.received_at, 0.0)
-        self.metrics.processing_latency.labels(msg.platform).observe(latency)
+        timers = self._done_timers.get(msg.platform)
+        if timers is None:
+            timers = self._done_timers[msg.platform] = (
+                self.metrics.processing_latency.labels(msg.platform),
+                self.metrics.gateway_overhead.labels(msg.platform),
+            )
+        timers[0].observe(latency)
         model_s = ctx.generation.total_s if ctx.generation is not None else 0.0
-        self.metrics.gateway_overhead.labels(msg.platform).observe(max(latency - model_s, 0.0))
+        timers[1].observe(max(latency - model_s, 0.0))
 
     async def _settle(self, ctx: TurnContext, state: MessageState, reason: str) -> MessageState:
         msg = ctx.message
