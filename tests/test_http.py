@@ -400,3 +400,8 @@ async def test_http_https_verifies_the_server(tmp_path: Path) -> None:
         async with HTTPClient() as client:
             with pytest.raises(HTTPConnectError, match="SSL"):
                 await client.request("POST", url, body=b"x")
+            context = client._ssl  # the system trust store, loaded once per client
+            assert context is not None
+            with pytest.raises(HTTPConnectError, match="SSL"):
+                await client.request("POST", url, body=b"x")
+            assert client._ssl is context

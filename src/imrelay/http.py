@@ -583,7 +583,9 @@ class HTTPClient:
         loop = asyncio.get_running_loop()
         context: ssl.SSLContext | None = None
         if origin.scheme == "https":
-            context = self._ssl or ssl.create_default_context()
+            if self._ssl is None:  # loading the trust store costs milliseconds: once per client
+                self._ssl = ssl.create_default_context()
+            context = self._ssl
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, conn = await loop.create_connection(
