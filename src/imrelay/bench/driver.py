@@ -80,7 +80,7 @@ class Driver:
         self._max_batch = max_batch
         self._poll_interval_s = poll_interval_s
         self._dingtalk_url = dingtalk_url.rstrip("/")
-        self._batches = HTTPClient(limit=16, user_agent="imrelay-bench")  # one per send()
+        self._batches = HTTPClient(limit=16, user_agent="imrelay-bench")
         self._next = 0
         self._reply_after = 0
         self._timing_after = 0
@@ -149,8 +149,6 @@ class Driver:
         finally:
             for task in flying:
                 task.cancel()
-            await self._batches.aclose()
-            self._batches = HTTPClient(limit=16, user_agent="imrelay-bench")
         phase.sort(key=lambda sent: sent.n)
         return phase
 
@@ -174,6 +172,10 @@ class Driver:
             waiting.clear()
             waiting.extend(kept)
         return batch
+
+    async def aclose(self) -> None:
+        """Close the connections the batches went over."""
+        await self._batches.aclose()
 
     async def _post_batch(
         self,

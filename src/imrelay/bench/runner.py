@@ -144,6 +144,7 @@ async def _measure(
         collector.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await collector
+        await driver.aclose()
     if bot.returncode is not None:
         raise BenchProcessError(f"{bot.name} died during the run:\n{bot.log_tail()}")
     wall = time.monotonic() - wall0
