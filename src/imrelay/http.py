@@ -15,7 +15,7 @@ client does what the gateway needs in about a quarter of that:
   ``keepalive_s``, or as soon as the server closes it;
 - responses framed by ``Content-Length``, ``Transfer-Encoding: chunked`` or the end of the
   connection; the body is read whole (:meth:`Response.read`) or as it arrives
-  (:meth:`Response.iter_lines`, :meth:`Response.iter_chunks`) for server-sent events.
+  (:meth:`Response.read_chunk`, :meth:`Response.iter_chunks`) for server-sent events.
 
 A request is never sent twice: a pooled connection the server closed is noticed (its protocol
 saw the end of the stream) and discarded before use, and if a connection fails after the
@@ -152,16 +152,13 @@ class _Connection(asyncio.Protocol):
         )
 
     async def fill(self) -> None:
-        """Wait until more bytes arrive; raise :class:`HTTPProtocolError` at the end."""
-        if self.eof:
+        """Wait until more bytes arrive; raise :class:`HTTPProtocolError` if the stream ends
+        first."""
+        before = len(self.buffer)
+        await self.fill_or_end()
+        if len(self.buffer) == before:  # woken by the end, not by data
             detail = f": {self.error}" if self.error is not None else ""
             raise HTTPProtocolError(f"connection closed by the server{detail}")
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiter = waiter
-        try:
-            await waiter
-        finally:
-            self._waiter = None
 
     async def read_until(self, marker: bytes, limit: int) -> bytes:
         """Bytes up to and including ``marker``."""
@@ -198,6 +195,7 @@ class _Connection(asyncio.Protocol):
         return data
 
     async def fill_or_end(self) -> None:
+        """Wait until more bytes arrive or the stream ends (at once if it has ended)."""
         if self.eof:
             return
         waiter = asyncio.get_running_loop().create_future()
@@ -223,7 +221,7 @@ class _Pool:
 class Response:
     """An HTTP response whose body has not been read yet.
 
-    Read it with :meth:`read`, :meth:`iter_chunks` or :meth:`iter_lines`, or leave it with
+    Read it with :meth:`read`, :meth:`read_chunk` or :meth:`iter_chunks`, or leave it with
     :meth:`release` (also by ``async with``); a body left unread closes the connection.
     """
 
@@ -298,18 +296,6 @@ class Response:
         except BaseException:
             self.release()
             raise
-
-    async def iter_lines(self) -> AsyncIterator[bytes]:
-        """The body line by line, each without its ``\\n`` / ``\\r\\n``; a last unterminated
-        line is yielded too."""
-        pending = b""
-        async for chunk in self.iter_chunks():
-            lines = (pending + chunk).split(b"\n")
-            pending = lines.pop()
-            for line in lines:
-                yield line[:-1] if line.endswith(b"\r") else line
-        if pending:
-            yield pending
 
     def release(self) -> None:
         """Give the connection back (body read to the end) or close it (body left unread)."""
