@@ -26,7 +26,7 @@ from imrelay.pipeline.send import ReplySender, SendStage
 from imrelay.platforms.base import Intake
 from imrelay.stores.base import MessageState
 from imrelay.stores.memory import MemoryStore
-from imrelay.worker import Worker
+from imrelay.worker import MAX_ATTEMPTS, Worker
 
 PLATFORM = "dingtalk"
 EPOCH = 1_700_000_000.0
@@ -160,6 +160,7 @@ class _Harness:
         *,
         max_concurrency: int = 64,
         max_pending: int = 10000,
+        max_attempts: int = 3,
         on_accepted: Callable[[InboundMessage], None] | None = None,
     ) -> None:
         self.store = store
@@ -197,6 +198,7 @@ class _Harness:
             self.metrics,
             max_concurrency=max_concurrency,
             max_pending=max_pending,
+            max_attempts=max_attempts,
             on_accepted=on_accepted,
         )
 
@@ -388,6 +390,56 @@ async def test_worker_resume_queues_pending_oldest_first(
         assert await h.state(mid) is MessageState.REPLIED
     assert h.backend.calls == 4
     assert await h.worker.resume() == 0
+
+
+async def test_worker_resume_gives_up_on_a_message_started_max_attempts_times(
+    harness: HarnessFactory, store: MemoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message started ``max_attempts`` times (it crashed every start) is settled failed at
+    the next start, with nothing sent; its conversation goes on; one started fewer times is
+    resumed."""
+    for mid, conv in [("poison", "a"), ("after", "a"), ("twice", "b")]:
+        assert await store.put(message(mid, conv))
+    for _ in range(3):
+        await store.set_state(PLATFORM, "poison", MessageState.PROCESSING)
+    for _ in range(2):
+        await store.set_state(PLATFORM, "twice", MessageState.PROCESSING)
+    h = harness(max_attempts=3)
+    with caplog.at_level(logging.WARNING, logger="imrelay.worker"):
+        assert await h.worker.resume() == 2
+    await h.settled()
+    record = await store.get(PLATFORM, "poison")
+    assert record is not None
+    assert (record.state, record.reason, record.attempts) == (
+        MessageState.FAILED,
+        MAX_ATTEMPTS,
+        3,
+    )
+    assert h.probe.order("a") == ["after"]
+    assert h.probe.order("b") == ["twice"]
+    assert await h.state("after") is MessageState.REPLIED
+    assert await h.state("twice") is MessageState.REPLIED
+    assert h.backend.calls == 2
+    assert len(h.platform.sent) == 2  # no apology for the poison message
+    assert h.counter("imrelay_messages_failed_total", platform=PLATFORM, reason=MAX_ATTEMPTS) == 1
+    [warning] = [r for r in caplog.records if r.name == "imrelay.worker"]
+    assert warning.levelno == logging.WARNING
+    assert "started 3 times without finishing" in warning.getMessage()
+    assert await h.worker.resume() == 0  # settled for good
+
+
+async def test_worker_resume_with_max_attempts_one_gives_up_after_any_start(
+    harness: HarnessFactory, store: MemoryStore
+) -> None:
+    """``max_attempts: 1`` never restarts a message that was started; unstarted ones resume."""
+    assert await store.put(message("started"))
+    assert await store.put(message("waiting", "b"))
+    await store.set_state(PLATFORM, "started", MessageState.PROCESSING)
+    h = harness(max_attempts=1)
+    assert await h.worker.resume() == 1
+    await h.settled()
+    assert await h.state("started") is MessageState.FAILED
+    assert await h.state("waiting") is MessageState.REPLIED
 
 
 async def test_worker_drain_idle_returns_true(harness: HarnessFactory) -> None:

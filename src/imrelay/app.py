@@ -205,6 +205,7 @@ class Gateway:
             self.metrics,
             max_concurrency=s.pipeline.max_concurrency,
             max_pending=s.pipeline.max_pending,
+            max_attempts=s.pipeline.max_attempts,
             wall_clock=self.wall_clock,
         )
 

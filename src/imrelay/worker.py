@@ -13,7 +13,10 @@ while many conversations run at once.
 ``pending`` counts entries offered and not finished. When it reaches ``max_pending``,
 :meth:`wait_capacity` blocks, and connectors stop reading (backpressure). At start-up
 :meth:`resume` queues every message the inbox still holds as ``received`` or ``processing``
-(a crash or a stop past the drain deadline cut them off), oldest first. :meth:`drain` waits for
+(a crash or a stop past the drain deadline cut them off), oldest first, except a message already
+started ``max_attempts`` times without finishing: one that crashes the process would otherwise
+crash every start after it, so the runner settles it ``failed`` (reason ``max_attempts``, nothing
+sent) and the rest of its conversation goes on. :meth:`drain` waits for
 in-flight and queued work up to a deadline, then cancels what is left; those messages stay in
 the inbox and are resumed by the next start.
 """
@@ -35,7 +38,10 @@ from imrelay.observability.metrics import Metrics
 from imrelay.pipeline.runner import Runner
 from imrelay.stores.base import Inbox, InboxRecord
 
-__all__ = ["Worker"]
+__all__ = ["MAX_ATTEMPTS", "Worker"]
+
+MAX_ATTEMPTS = "max_attempts"
+"""The failure reason of a message the worker gave up on at start-up."""
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +72,7 @@ class Worker:
         *,
         max_concurrency: int = 64,
         max_pending: int = 10000,
+        max_attempts: int = 3,
         on_accepted: Callable[[InboundMessage], None] | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -73,6 +80,7 @@ class Worker:
         self.runner = runner
         self.metrics = metrics
         self.max_pending = max_pending
+        self.max_attempts = max_attempts
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._lanes: dict[ConversationKey, _Lane] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -132,16 +140,38 @@ class Worker:
             await self._capacity.wait()
 
     async def resume(self) -> int:
-        """Queue every unfinished inbox message, oldest first; return how many."""
+        """Queue every unfinished inbox message, oldest first; return how many.
+
+        A message started ``max_attempts`` times already is settled ``failed`` instead (see the
+        module docstring) and not counted.
+        """
         records: list[InboxRecord] = await self.inbox.pending()
         loop = asyncio.get_running_loop()
+        resumed = 0
         for record in records:
+            if record.attempts >= self.max_attempts:
+                await self._give_up(record)
+                continue
             done: asyncio.Future[bool] = loop.create_future()
             done.set_result(True)
             self._enqueue(_Entry(record.message, done, resumed=True))
-        if records:
-            logger.info("resuming %d unfinished messages", len(records))
-        return len(records)
+            resumed += 1
+        if resumed:
+            logger.info("resuming %d unfinished messages", resumed)
+        return resumed
+
+    async def _give_up(self, record: InboxRecord) -> None:
+        message = record.message
+        fields = {"platform": message.platform, "message.id": message.message_id}
+        logger.warning(
+            "message was started %d times without finishing; marking it failed, not retrying",
+            record.attempts,
+            extra=fields,
+        )
+        try:
+            await self.runner.give_up(message, MAX_ATTEMPTS)
+        except Exception as exc:  # it stays in the inbox; the next start decides again
+            logger.error("could not mark the message failed: %s", exc, extra=fields)
 
     async def drain(self, deadline_s: float) -> bool:
         """Wait up to ``deadline_s`` for all pending work; cancel the rest. True if all done."""

@@ -9,8 +9,12 @@ with one line: ``faults: N scenarios, M messages, lost 0, doubled D, reordered 0
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import random
-from collections.abc import AsyncIterator
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,7 @@ from _faults import (
     free_port,
     gateway_config,
     openai_model,
+    reply_text,
     report,
     scale,
     settle,
@@ -267,3 +272,50 @@ async def test_faults_sigterm_drains_in_flight_work(
     assert outcome.lost == []
     assert outcome.doubled == 0
     assert outcome.reordered == 0
+
+
+async def test_faults_message_that_kills_every_start_is_given_up(
+    sim: DingTalkSimulator, tmp_path: Path
+) -> None:
+    """A message whose processing takes the gateway down (SIGKILL each time it reaches the
+    model) is started ``max_attempts`` times; the next start marks it failed instead of dying
+    on it again, sends nothing for it, and its conversation goes on."""
+
+    def poison_calls(model: ModelSimulator) -> int:  # requests answering it (not its history)
+        return sum("poison pill" in json.dumps(r["messages"][-1]) for r in model.requests)
+
+    async def wait(predicate: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.01)
+
+    async with ModelSimulator(latency_ms=1500) as model:
+        port = free_port()
+        config = gateway_config(
+            sim, {"default": openai_model(model)}, tmp_path, port=port,
+            pipeline={"max_attempts": 3},
+        )  # fmt: skip
+        gw = GatewayProcess(config, port, tmp_path / "gw.log")
+        await gw.start()
+        try:
+            poison = await sim.send_message("poison pill", conversation_id="cidPoison")
+            for attempt in (1, 2, 3):
+                await wait(lambda n=attempt: poison_calls(model) == n, f"model call {attempt}")
+                gw.kill9()
+                await gw.restart_after_kill()
+            after = await sim.send_message("after the pill", conversation_id="cidPoison")
+            await wait(lambda: bool(sim.replies(after["msg_id"])), "the next message's answer")
+        finally:
+            await gw.stop()
+    assert poison_calls(model) == 3
+    assert sim.replies(poison["msg_id"]) == []
+    assert "echo: after the pill" in reply_text(sim.replies(after["msg_id"])[0])
+    assert "started 3 times without finishing" in (tmp_path / "gw.log").read_text()
+    with contextlib.closing(sqlite3.connect(tmp_path / "faults.db")) as db:
+        row = db.execute(
+            "SELECT state, reason, attempts FROM messages WHERE message_id = ?",
+            (poison["msg_id"],),
+        ).fetchone()
+    assert row == ("failed", "max_attempts", 3)

@@ -104,6 +104,23 @@ class Runner:
             REQUEST_ID.reset(request_id)
         return state
 
+    async def give_up(self, message: InboundMessage, reason: str) -> MessageState:
+        """Settle ``message`` as ``failed`` with ``reason`` without running any stage.
+
+        For a message that must not be processed again (the worker gives up on one that was
+        started too many times without finishing): its state, metrics, audit record and INFO
+        line are written as for any failed message; nothing is sent.
+        """
+        log = message_logger(
+            logger,
+            platform=message.platform,
+            message_id=message.message_id,
+            conversation=message.conversation.id,
+        )
+        ctx = TurnContext(message=message, log=log, resumed=True)
+        with log_context(log.extra):
+            return await self._settle(ctx, MessageState.FAILED, reason)
+
     async def _run(self, ctx: TurnContext) -> MessageState:
         for stage, timer in zip(self.stages, self._timers, strict=True):
             started = self.clock()
