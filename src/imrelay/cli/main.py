@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
@@ -16,7 +15,7 @@ from rich.table import Table
 from imrelay import __version__
 from imrelay._loop import run as run_loop
 from imrelay._loop import settle_heap
-from imrelay.cli._common import err, load_or_exit
+from imrelay.cli._common import ConfigOption, err, load_or_exit
 from imrelay.cli.audit import audit_app
 from imrelay.cli.bench import bench
 from imrelay.cli.demo import run_demo
@@ -43,16 +42,6 @@ app.add_typer(route_app, name="route")
 app.add_typer(canary_app, name="canary")
 app.command()(bench)
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "-c",
-        "--config",
-        help="Configuration file (default: $IMRELAY_CONFIG, ./imrelay.yaml, "
-        "~/.bot_config/config.json).",
-        show_default=False,
-    ),
-]
 LogFormat = Literal["ecs", "text"]
 
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from imrelay.cli._common import err, load_or_exit
+from imrelay.cli._common import ConfigOption, err, load_or_exit
 from imrelay.config import CanarySettings, Settings
 from imrelay.errors import StoreError
 from imrelay.message import Conversation, InboundMessage, Sender
@@ -43,16 +43,6 @@ canary_app = typer.Typer(
     add_completion=False,
 )
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "-c",
-        "--config",
-        help="Configuration file (default: $IMRELAY_CONFIG, ./imrelay.yaml, "
-        "~/.bot_config/config.json).",
-        show_default=False,
-    ),
-]
 RuleOption = Annotated[
     str | None,
     typer.Option("--rule", help="The rule's name (optional when only one rule has a canary)."),
