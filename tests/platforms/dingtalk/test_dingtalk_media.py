@@ -61,8 +61,8 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-@pytest.fixture
-def api(sim: DingTalkSimulator, http: aiohttp.ClientSession, clock: FakeClock) -> DingTalkAPI:
+def api_for(sim: DingTalkSimulator, http: aiohttp.ClientSession, clock: FakeClock) -> DingTalkAPI:
+    """A DingTalk API client with ``sim``'s credentials."""
     return DingTalkAPI(
         http,
         platform="dt",
@@ -72,6 +72,11 @@ def api(sim: DingTalkSimulator, http: aiohttp.ClientSession, clock: FakeClock) -
         timeout_s=5.0,
         clock=clock,
     )
+
+
+@pytest.fixture
+def api(sim: DingTalkSimulator, http: aiohttp.ClientSession, clock: FakeClock) -> DingTalkAPI:
+    return api_for(sim, http, clock)
 
 
 async def fetch(
@@ -209,14 +214,7 @@ async def test_fetch_media_network_error_retryable(
     """A download URL nobody answers at is a retryable failure that does not name the URL."""
     dead = MediaExtension(url_base=f"http://127.0.0.1:{free_port()}")
     async with DingTalkSimulator(extensions=[dead], clock=clock) as other:
-        api = DingTalkAPI(
-            http,
-            platform="dt",
-            app_key=other.app_key,
-            app_secret=other.app_secret,
-            api_base=other.base_url,
-            clock=clock,
-        )
+        api = api_for(other, http, clock)
         with pytest.raises(PlatformAPIError) as info:
             await fetch(api, http, dead.add_media(PNG))
     assert info.value.retryable is True
@@ -231,14 +229,7 @@ async def test_fetch_media_non_http_download_url(
     """An answer whose downloadUrl is not http(s) is an error."""
     odd = MediaExtension(url_base="ftp://files.example")
     async with DingTalkSimulator(extensions=[odd], clock=clock) as other:
-        api = DingTalkAPI(
-            http,
-            platform="dt",
-            app_key=other.app_key,
-            app_secret=other.app_secret,
-            api_base=other.base_url,
-            clock=clock,
-        )
+        api = api_for(other, http, clock)
         with pytest.raises(PlatformAPIError, match="lacks an http"):
             await fetch(api, http, odd.add_media(PNG))
 
@@ -306,14 +297,7 @@ async def test_fetch_media_oversize_counted_without_content_length(
     server, base = stream_server
     ext = MediaExtension(url_base=base)
     async with DingTalkSimulator(extensions=[ext], clock=clock) as other:
-        api = DingTalkAPI(
-            http,
-            platform="dt",
-            app_key=other.app_key,
-            app_secret=other.app_secret,
-            api_base=other.base_url,
-            clock=clock,
-        )
+        api = api_for(other, http, clock)
         code = ext.add_media(b"unused")
         server.body = b"y" * 10_000
         assert await fetch(api, http, code, max_bytes=10_000) == server.body
@@ -352,14 +336,7 @@ async def test_fetch_media_timeout_retryable(
     try:
         ext = MediaExtension(url_base=str(server.make_url("")).rstrip("/"))
         async with DingTalkSimulator(extensions=[ext], clock=clock) as other:
-            api = DingTalkAPI(
-                http,
-                platform="dt",
-                app_key=other.app_key,
-                app_secret=other.app_secret,
-                api_base=other.base_url,
-                clock=clock,
-            )
+            api = api_for(other, http, clock)
             with pytest.raises(PlatformAPIError, match="timed out") as info:
                 await fetch_media(
                     api,
