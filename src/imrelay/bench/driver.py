@@ -72,18 +72,20 @@ class Driver:
         poll_interval_s: float = 0.1,
     ) -> None:
         self._http = http
-        self._dingtalk = dingtalk_url
+        self._dingtalk = dingtalk_url.rstrip("/")
         self._model = model_url
         self._conversations = conversations
         self._mix = mix
         self.ledger = ledger
         self._max_batch = max_batch
         self._poll_interval_s = poll_interval_s
-        self._dingtalk_url = dingtalk_url.rstrip("/")
         self._batches = HTTPClient(limit=16, user_agent="imrelay-bench")
         self._next = 0
         self._reply_after = 0
         self._timing_after = 0
+        # collect() polls in the background while settle() polls too: two polls at once would
+        # fetch the same page and count its replies twice
+        self._polling = asyncio.Lock()
         self.last_progress = time.monotonic()
 
     async def send(
@@ -196,7 +198,7 @@ class Driver:
             async with asyncio.timeout(_REQUEST_TIMEOUT_S):
                 resp = await self._batches.request(
                     "POST",
-                    f"{self._dingtalk_url}/_sim/messages/batch",
+                    f"{self._dingtalk}/_sim/messages/batch",
                     body=payload,
                     headers={"Content-Type": "application/json"},
                 )
@@ -228,7 +230,11 @@ class Driver:
         self.ledger.rematch()
 
     async def poll(self) -> None:
-        """Fetch the new replies and model timings once."""
+        """Fetch the new replies and model timings once (one poll at a time)."""
+        async with self._polling:
+            await self._poll()
+
+    async def _poll(self) -> None:
         async with self._http.get(
             f"{self._dingtalk}/_sim/replies", params={"after": str(self._reply_after)}
         ) as resp:
