@@ -281,6 +281,20 @@ def test_pii_vault_continues_across_messages(masker: PIIMasker) -> None:
     assert vault["<PHONE_4>"] == "13700002222"
 
 
+def test_pii_custom_label_extending_a_builtin_one_keeps_numbering_apart() -> None:
+    """A custom type whose placeholder starts like a built-in one (``<ID_EMP_1>`` vs ``<ID_…>``)
+    does not break the built-in type's numbering in the same vault."""
+    masker = PIIMasker(
+        PIISettings(custom=[CustomPattern(name="id_emp", regex=r"EMP-\d{6}")], reversible=True)
+    )
+    vault: dict[str, str] = {}
+    first = masker.mask("工号 EMP-123456", vault=vault)
+    assert first.text == "工号 <ID_EMP_1>"
+    second = masker.mask("身份证 11010519491231002X，工号 EMP-654321", vault=vault)
+    assert second.text == "身份证 <ID_1>，工号 <ID_EMP_2>"
+    assert restore(second.text, vault) == "身份证 11010519491231002X，工号 EMP-654321"
+
+
 def test_pii_restore_without_vault_or_placeholders() -> None:
     """An empty vault, or a text without ``<``, is returned as is."""
     assert restore("<PHONE_1>", {}) == "<PHONE_1>"

@@ -449,7 +449,12 @@ def _placeholder(vault: Vault, reverse: dict[tuple[str, str], str], label: str, 
     if existing is not None:
         return existing
     prefix = f"<{label}_"
-    used = [int(p[len(prefix) : -1]) for p in vault if p.startswith(prefix)]
+    # exact <LABEL_N> only: a custom type's label may extend a built-in one (ID_EMP vs ID)
+    used = [
+        int(number)
+        for p in vault
+        if p.startswith(prefix) and p.endswith(">") and (number := p[len(prefix) : -1]).isdigit()
+    ]
     placeholder = f"{prefix}{max(used, default=0) + 1}>"
     vault[placeholder] = value
     reverse[key] = placeholder
