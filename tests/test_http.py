@@ -337,6 +337,12 @@ def test_http_rejects_bad_urls_and_header_injection() -> None:
             for url in ("/relative", "ftp://h/x", "http:///nohost", "http://h:99999/"):
                 with pytest.raises(ValueError, match="url"):
                     await client.request("GET", url)
+            # the message never shows a query or credentials (a sessionWebhook's session)
+            for url in ("ftp://u:pw@h/x?session=SECRET1", "http://h:99999/x?session=SECRET1"):
+                with pytest.raises(ValueError, match="url") as info:
+                    await client.request("GET", url)
+                assert "SECRET1" not in str(info.value)
+                assert "pw" not in str(info.value)
             with pytest.raises(ValueError, match="line break"):
                 await client.request("GET", "http://127.0.0.1:9/", headers={"X": "a\r\nB: c"})
         with pytest.raises(HTTPError, match="closed"):

@@ -79,15 +79,24 @@ class HTTPStatusError(Exception):
     reason; never headers or body (either may repeat a credential)."""
 
     def __init__(self, method: str, url: str, status: int, reason: str) -> None:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        self.url = f"{parts.scheme}://{host}{parts.path}"
+        self.url = _shown(url)
         self.method = method
         self.status = status
         self.reason = reason
         super().__init__(f"{method} {self.url}: http {status} {reason}".rstrip())
+
+
+def _shown(url: str) -> str:
+    """``url`` as errors may show it: without query, fragment or credentials (a DingTalk
+    sessionWebhook carries its session in the query), cut to 100 characters."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:  # a bad port: show no host part at all
+        return "<unparsable url>"
+    return f"{parts.scheme}://{host}{parts.path}"[:100]
 
 
 @dataclass(frozen=True, slots=True)
@@ -458,16 +467,17 @@ class HTTPClient:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an absolute http(s) url: {url[:100]!r}")
+            raise ValueError(f"not an absolute http(s) url: {_shown(url)!r}")
         try:
             port = parts.port or (443 if scheme == "https" else 80)
         except ValueError:
-            raise ValueError(f"bad port in url: {url[:100]!r}") from None
+            raise ValueError(f"bad port in url: {_shown(url)!r}") from None
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
         result = (_Origin(scheme, parts.hostname, port), target)
-        if len(self._origins) < 1024:
+        # URLs with a query (each sessionWebhook is one, and holds its session) are not kept
+        if not parts.query and len(self._origins) < 1024:
             self._origins[url] = result
         return result
 

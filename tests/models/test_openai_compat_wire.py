@@ -184,11 +184,12 @@ async def test_openai_wire_forwards_request_id(
     assert result.extra["response_id"] == f"chatcmpl-turn-{stream}"
 
 
-@pytest.mark.parametrize("rid", [None, "", "bad\r\nx-injected: 1"])
+@pytest.mark.parametrize("rid", [None, "", "bad\r\nx-injected: 1", "消息1"])
 async def test_openai_wire_no_request_id_when_unset_or_unsafe(
     make_backend: Factory, scripted: ScriptedServer, rid: str | None
 ):
-    """No id, an empty one, or one a header cannot carry: no ``x-request-id`` is sent."""
+    """No id, an empty one, or one a header cannot carry (a line break, non-Latin-1 text): no
+    ``x-request-id`` is sent, and the call goes through."""
     scripted.script = [SSE_HEAD, event("ok"), b"data: [DONE]\n\n"]
     token = REQUEST_ID.set(rid)
     try:

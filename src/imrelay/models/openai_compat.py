@@ -282,7 +282,8 @@ class OpenAICompatBackend:
 
     def _with_request_id(self, headers: dict[str, str]) -> dict[str, str]:
         rid = REQUEST_ID.get()
-        if not rid or not rid.isprintable():  # a header cannot hold CR or LF
+        # a header line is Latin-1 without CR or LF: an id it cannot carry is left out
+        if not rid or not (rid.isascii() and rid.isprintable()):
             return headers
         return {**headers, "x-request-id": rid}
 

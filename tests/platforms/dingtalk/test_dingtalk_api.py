@@ -413,6 +413,21 @@ async def test_send_session_webhook_session_expired(
     _assert_no_secret(info.value, "secretsession")
 
 
+async def test_send_session_webhook_unusable_url_names_no_session(
+    make_api: Callable[..., DingTalkAPI],
+) -> None:
+    """A sessionWebhook URL the client refuses fails at once, and neither the error nor its
+    cause chain repeats the session carried in the query."""
+    with pytest.raises(PlatformAPIError) as info:
+        await make_api().send_session_webhook(
+            "http://127.0.0.1:99999/robot/sendBySession?session=secretsession", {}
+        )
+    assert info.value.retryable is False
+    assert "refused" in str(info.value)
+    _assert_no_secret(info.value, "secretsession")
+    assert info.value.__cause__ is None
+
+
 @pytest.mark.parametrize("errcode", [130101, 660026, 410100])
 async def test_send_session_webhook_throttled(
     fake: tuple[FakeDingTalk, str], make_api: Callable[..., DingTalkAPI], errcode: int

@@ -131,6 +131,12 @@ class DingTalkAPI:
                 ) as resp:
                     raw = await resp.read()
                     status = resp.status
+        except ValueError as exc:  # the client refused the URL or a header before any socket
+            # imrelay.http's texts show no query; aiohttp's InvalidURL repeats the whole URL
+            why = type(exc).__name__ if isinstance(exc, aiohttp.ClientError) else str(exc)
+            raise PlatformAPIError(
+                f"{what} refused: {why}", platform=self.platform, retryable=False
+            ) from None
         except TimeoutError as exc:
             raise PlatformAPIError(
                 f"{what} timed out after {self.timeout_s:g} s",
@@ -140,10 +146,6 @@ class DingTalkAPI:
         except (aiohttp.ClientError, HTTPError) as exc:
             raise PlatformAPIError(
                 f"{what} failed: {type(exc).__name__}", platform=self.platform, retryable=True
-            ) from exc
-        except ValueError as exc:  # the client refused the URL before any socket
-            raise PlatformAPIError(
-                f"{what} failed: not an http(s) url", platform=self.platform, retryable=False
             ) from exc
         try:
             parsed: Any = json.loads(raw)
