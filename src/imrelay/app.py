@@ -1,7 +1,8 @@
 """Wires everything into one running gateway, with one aiohttp server.
 
 Theory of operation: :meth:`Gateway.start` opens the store, builds the model backends, the
-platform connectors, the pipeline and the worker, resumes unfinished inbox messages, starts
+platform connectors, the pipeline and the worker, resumes unfinished inbox messages, starts the
+inbox purge (handled messages older than ``storage.retention_s``, at start and hourly), starts
 the HTTP server (``/healthz``, ``/readyz``, ``/metrics``) and finally starts intake.
 :meth:`Gateway.stop` runs the same steps backwards: intake stops first (no new frames are
 read; ACKs for messages already committed still go out), in-flight work drains up to
@@ -76,6 +77,8 @@ _HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=10, sock_read=30)
 # Outbound connections per origin (a DingTalk API host, a model endpoint): enough for every
 # in-flight message of the default pipeline.max_concurrency to have its own.
 _HTTP_CONNECTIONS = 512
+# how often handled messages past storage.retention_s are forgotten (and once at start)
+_PURGE_INTERVAL_S = 3600.0
 # Settings a reload cannot apply: they need new connections, files or worker limits.
 _RESTART_ONLY = ("server", "storage", "platforms")
 
@@ -133,6 +136,7 @@ class Gateway:
         self.canary_book = CanaryBook(CanaryStateFile(None))
         self.canaries: CanaryController | None = None
         self._canary_task: asyncio.Task[None] | None = None
+        self._purge_task: asyncio.Task[None] | None = None
         self._stopped = False
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
@@ -171,6 +175,7 @@ class Gateway:
         )
         if self.canaries.canaries:
             self._canary_task = asyncio.create_task(self.canaries.run(), name="canary")
+        self._purge_task = asyncio.create_task(self._purge_loop(), name="inbox-purge")
         await self._start_web()
         for name, platform in self.platforms.items():
             task = asyncio.create_task(platform.run(self.worker), name=f"intake:{name}")
@@ -183,6 +188,23 @@ class Gateway:
             s.server.host,
             self.port,
         )
+
+    async def _purge_loop(self) -> None:
+        """Forget handled messages, their reply records and expired dedup keys once they are
+        older than ``storage.retention_s``: at start, then every hour (or a quarter of the
+        retention, if shorter). Unfinished messages are never purged."""
+        retention_s = self.settings.storage.retention_s
+        while True:
+            try:
+                purged = await self.store.purge(self.wall_clock() - retention_s)
+            except StoreError as exc:  # tried again at the next interval
+                logger.warning("inbox purge failed: %s", exc)
+            else:
+                if purged:
+                    logger.info(
+                        "purged %d handled messages older than %s", purged, _age(retention_s)
+                    )
+            await asyncio.sleep(min(_PURGE_INTERVAL_S, retention_s / 4))
 
     def _watch_secret_ages(self) -> None:
         """Export ``imrelay_secret_age_seconds`` when an encrypted secret store is in use."""
@@ -426,10 +448,11 @@ class Gateway:
         for task in self._intake.values():
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._canary_task is not None:
-            self._canary_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._canary_task
+        for job in (self._canary_task, self._purge_task):
+            if job is not None:
+                job.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await job
         for platform in self.platforms.values():
             await platform.aclose()
         drained = True
@@ -497,3 +520,11 @@ class Gateway:
     async def _metrics(self, request: web.Request) -> web.Response:
         body, content_type = self.metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def _age(seconds: float) -> str:
+    """``7d``, ``12h`` or ``300s``: a retention period for a log line."""
+    for unit, size in (("d", 86400), ("h", 3600)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"

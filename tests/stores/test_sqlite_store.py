@@ -329,3 +329,30 @@ class TestOpenStore:
             open_store(url)
         assert info.value.key == "storage.url"
         assert "hunter2" not in str(info.value)
+
+
+async def test_sqlite_purge_larger_than_one_batch(
+    tmp_path: Path, make_message: Any, clock: Any
+) -> None:
+    """A purge of more rows than one transaction takes runs in several and deletes them all
+    (the first purge of a long-running inbox must not hold the event loop in one)."""
+    from imrelay.stores.sqlite import _PURGE_BATCH
+
+    count = _PURGE_BATCH * 2 + 17
+    async with SQLiteStore(tmp_path / "imrelay.db", clock=clock) as store:
+        ids = [f"m{i}" for i in range(count)]
+        assert all(await asyncio.gather(*(store.put(make_message(m)) for m in ids)))
+        await asyncio.gather(
+            *(store.set_state("dingtalk", m, MessageState.REPLIED) for m in ids),
+            *(store.record_sent("dingtalk", m, 0, clock()) for m in ids),
+        )
+        await store.put(make_message("pending"))
+        commits = store.commits
+        clock.advance(2 * 86400)
+        assert await store.purge(older_than=clock()) == count
+        assert store.commits - commits >= 3
+        counts = await store.counts()
+        assert counts[MessageState.REPLIED] == 0
+        assert counts[MessageState.RECEIVED] == 1
+    assert raw_query(tmp_path / "imrelay.db", "SELECT COUNT(*) FROM sent") == [(0,)]
+    assert raw_query(tmp_path / "imrelay.db", "SELECT COUNT(*) FROM dedup") == [(0,)]

@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION: Final = 1
 _BUSY_TIMEOUT_S: Final = 5.0
+_PURGE_BATCH: Final = 2000
 _PENDING: Final = (MessageState.RECEIVED.value, MessageState.PROCESSING.value)
 _FINAL: Final = tuple(sorted(s.value for s in FINAL_STATES))
 
@@ -395,22 +396,36 @@ class SQLiteStore:
             The number of messages deleted.
         """
         keys_before = min(older_than, self._clock() - self._ttl)
+        limit = _PURGE_BATCH
 
-        def op(conn: sqlite3.Connection) -> int:
+        def op(conn: sqlite3.Connection) -> tuple[int, bool]:
             deleted = conn.execute(
-                "DELETE FROM messages WHERE received_at < ? AND state IN (?, ?, ?)",
-                (older_than, *_FINAL),
+                "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages"
+                " WHERE received_at < ? AND state IN (?, ?, ?) LIMIT ?)",
+                (older_than, *_FINAL, limit),
             ).rowcount
-            conn.execute("DELETE FROM dedup WHERE seen_at < ?", (keys_before,))
-            conn.execute(
-                "DELETE FROM sent WHERE at < ? AND NOT EXISTS (SELECT 1 FROM messages m"
-                " WHERE m.platform = sent.platform AND m.message_id = sent.message_id"
-                " AND m.state IN (?, ?))",
-                (older_than, *_PENDING),
-            )
-            return int(deleted)
+            keys = conn.execute(
+                "DELETE FROM dedup WHERE (platform, key) IN"
+                " (SELECT platform, key FROM dedup WHERE seen_at < ? LIMIT ?)",
+                (keys_before, limit),
+            ).rowcount
+            parts = conn.execute(
+                "DELETE FROM sent WHERE (platform, message_id, part) IN"
+                " (SELECT platform, message_id, part FROM sent WHERE at < ? AND NOT EXISTS"
+                " (SELECT 1 FROM messages m WHERE m.platform = sent.platform"
+                " AND m.message_id = sent.message_id AND m.state IN (?, ?)) LIMIT ?)",
+                (older_than, *_PENDING, limit),
+            ).rowcount
+            return int(deleted), max(deleted, keys, parts) >= limit
 
-        return await self._write(op)
+        # in transactions of at most _PURGE_BATCH rows per table: the connection is on the
+        # event loop, and a first purge of a long-running inbox must not stall it
+        total = 0
+        more = True
+        while more:
+            deleted, more = await self._write(op)
+            total += deleted
+        return total
 
     # -- Outbox ----------------------------------------------------------------------------
 
