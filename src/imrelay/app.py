@@ -80,7 +80,29 @@ _HTTP_CONNECTIONS = 512
 # how often handled messages past storage.retention_s are forgotten (and once at start)
 _PURGE_INTERVAL_S = 3600.0
 # Settings a reload cannot apply: they need new connections, files or worker limits.
-_RESTART_ONLY = ("server", "storage", "platforms")
+_RESTART_ONLY = (
+    "server",
+    "storage",
+    "platforms",
+    "security.audit",
+    "pipeline.max_concurrency",
+    "pipeline.max_pending",
+    "pipeline.max_attempts",
+)
+
+
+def _get(settings: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        settings = getattr(settings, part)
+    return settings
+
+
+def _with(settings: Any, dotted: str, value: Any) -> Any:
+    """A copy of ``settings`` with the setting at ``dotted`` replaced by ``value``."""
+    head, _, rest = dotted.partition(".")
+    if rest:
+        value = _with(getattr(settings, head), rest, value)
+    return settings.model_copy(update={head: value})
 
 
 async def _close_models(models: Iterable[ModelBackend]) -> None:
@@ -137,6 +159,7 @@ class Gateway:
         self.canaries: CanaryController | None = None
         self._canary_task: asyncio.Task[None] | None = None
         self._purge_task: asyncio.Task[None] | None = None
+        self._rate_limits: RateLimitStage | None = None
         self._stopped = False
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
@@ -188,6 +211,16 @@ class Gateway:
             s.server.host,
             self.port,
         )
+
+    def _rate_limit_stage(self, policy: AccessPolicy) -> RateLimitStage:
+        """The rate-limit stage; a reload that leaves ``security.rate_limit`` as it was keeps
+        the stage and so every user's bucket (a new stage would refill them all)."""
+        settings = self.settings.security.rate_limit
+        stage = self._rate_limits
+        if stage is None or stage.settings != settings:
+            stage = self._rate_limits = RateLimitStage(settings, audit=self.audit)
+        stage.exempt = policy.is_admin  # the access lists may have changed
+        return stage
 
     async def _purge_loop(self) -> None:
         """Forget handled messages, their reply records and expired dedup keys once they are
@@ -246,11 +279,7 @@ class Gateway:
         stages: list[Stage] = [
             dedup,
             AccessStage(group_require_mention=s.pipeline.group_require_mention),
-            *(
-                [RateLimitStage(sec.rate_limit, audit=self.audit, exempt=policy.is_admin)]
-                if sec.rate_limit.enabled
-                else []
-            ),
+            *([self._rate_limit_stage(policy)] if sec.rate_limit.enabled else []),
             PermissionStage(policy, notice=sec.access.denied_notice, audit=self.audit),
             KindStage(unsupported_notice=s.pipeline.unsupported_notice, routes=by_kind),
             AdminCommandStage(
@@ -370,14 +399,11 @@ class Gateway:
                 logger.error("reload refused, the running configuration stays: %s", exc)
                 return f"reload refused: {exc}"
             old = self.settings
-            kept = {
-                k: getattr(old, k) for k in _RESTART_ONLY if getattr(new, k) != getattr(old, k)
-            }
+            kept = [k for k in _RESTART_ONLY if _get(new, k) != _get(old, k)]
+            for key in kept:
+                new = _with(new, key, _get(old, key))
             if kept:
                 logger.warning("changes to %s take effect at the next start", ", ".join(kept))
-                new = new.model_copy(update=kept)
-            security = new.security.model_copy(update={"audit": old.security.audit})
-            new = new.model_copy(update={"security": security})
             old_models = self.models
             models = self._models or {n: build_model(n, m) for n, m in new.models.items()}
             self.settings, self.models = new, models
@@ -417,9 +443,13 @@ class Gateway:
             self._canary_task = asyncio.create_task(self.canaries.run(), name="canary")
 
     def _spawn_later(self, delay: float, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` after ``delay``, or at once when :meth:`stop` comes first."""
+
         async def later() -> None:
-            await asyncio.sleep(delay)
-            await coro
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                await coro
 
         task = asyncio.create_task(later())
         self._background.add(task)
@@ -461,7 +491,9 @@ class Gateway:
         if self._web is not None:
             await self._web.cleanup()
         for task in list(self._background):
-            task.cancel()
+            task.cancel()  # each still runs its deferred work (see _spawn_later)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await _close_models(self.models.values())
         if self.http is not None:
             await self.http.close()
