@@ -24,8 +24,8 @@ async def test_reload_keeps_restart_only_settings_and_closes_retired_models_at_s
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Worker limits and the audit file changed in the file are reported and kept; the
-    other changes apply; unchanged rate limits keep their buckets; the replaced model backend is closed by stop() although its
-    grace period (pipeline.drain_timeout_s) has not run out."""
+    other changes apply; unchanged rate limits keep their buckets; the replaced model backend
+    is closed by stop() although its grace period (pipeline.drain_timeout_s) has not run out."""
     db = tmp_path / "imrelay.db"
     limits = {"enabled": True, "per_user": {"per_minute": 600, "burst": 100}}
     first = gateway_settings(
