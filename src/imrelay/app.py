@@ -25,6 +25,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from imrelay import __version__
+from imrelay._loop import resettle_heap
 from imrelay.config import Settings
 from imrelay.errors import AuthError, ConfigError, StoreError
 from imrelay.http import HTTPClient
@@ -421,6 +422,7 @@ class Gateway:
                 # calls still running on the old models finish first
                 grace = new.pipeline.drain_timeout_s
                 self._spawn_later(grace, _close_models(old_models.values()))
+            resettle_heap()  # the old pipeline may sit in the frozen start-up heap
             logger.info("configuration reloaded: %d model(s)", len(models))
             return "configuration reloaded" + (
                 f" ({', '.join(kept)} at the next start)" if kept else ""
