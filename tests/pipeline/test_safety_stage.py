@@ -178,6 +178,34 @@ async def test_safety_masks_attachment_texts_and_user_content(
     ]
 
 
+async def test_safety_rich_text_segments_masked_but_counted_once(
+    pii: PIIMasker,
+    words: WordFilter,
+    metrics: Metrics,
+    make_ctx: ContextFactory,
+    sample: SampleReader,
+) -> None:
+    """A rich-text message with a picture repeats its text items as ``text`` attachments (for
+    the media stage's order): both copies are masked, each finding is counted once."""
+    text = f"傻瓜 {PHONE}"
+    segments = (
+        Attachment(kind="text", download_code="", text=text),
+        Attachment(kind="image", download_code="dc1"),
+    )
+    ctx = make_ctx(kind="rich", text=text, attachments=segments)
+    stage = InboundSafetyStage(words, pii, metrics=metrics)
+    assert await stage(ctx) is ctx
+    assert ctx.message.text == "＊＊ [PHONE]"
+    assert ctx.message.attachments[0].text == "＊＊ [PHONE]"
+    assert sample("imrelay_pii_masked_total", type="mobile") == 1
+    assert (
+        sample(
+            "imrelay_sensitive_matches_total", category="abuse", direction="inbound", action="mask"
+        )
+        == 1
+    )
+
+
 async def test_safety_masks_string_user_content(
     pii: PIIMasker, metrics: Metrics, make_ctx: ContextFactory
 ) -> None:

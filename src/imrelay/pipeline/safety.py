@@ -133,19 +133,23 @@ class InboundSafetyStage:
         msg = ctx.message
         parts = _content_texts(ctx.user_content)
         texts = [msg.text, *(a.text for a in msg.attachments), *parts]
+        # a rich-text message's text segments repeat msg.text (kept in order for the media
+        # stage): masked like everything else, but judged and counted once, in msg.text
+        counted = [True, *(a.kind != "text" for a in msg.attachments), *(True for _ in parts)]
         found = self._scan(texts)
         if self.words is not None and any(found):
-            drop = self._judge(ctx, self.words, [m for ms in found for m in ms])
+            judged = [m for ms, count in zip(found, counted, strict=True) if count for m in ms]
+            drop = self._judge(ctx, self.words, judged)
             if drop is not None:
                 return drop
         if self.pii is None and not any(found):
             return ctx
         if self.vaults is None:
-            cleaned = self._clean(texts, found, None)
+            cleaned = self._clean(texts, found, counted, None)
         else:
             vault = await self.vaults.load_vault(vault_key(msg))
             before = dict(vault)
-            cleaned = self._clean(texts, found, vault)
+            cleaned = self._clean(texts, found, counted, vault)
             if vault != before:
                 await self.vaults.save_vault(vault_key(msg), vault)
         text, rest = cleaned[0], cleaned[1:]
@@ -159,20 +163,25 @@ class InboundSafetyStage:
             ctx.user_content = _with_content_texts(ctx.user_content, rest[len(msg.attachments) :])
         return ctx
 
-    def _clean(self, texts: list[str], found: list[list[Match]], vault: Vault | None) -> list[str]:
+    def _clean(
+        self, texts: list[str], found: list[list[Match]], counted: list[bool], vault: Vault | None
+    ) -> list[str]:
         return [
-            self._clean_one(t, matches, vault) for t, matches in zip(texts, found, strict=True)
+            self._clean_one(t, matches, count, vault)
+            for t, matches, count in zip(texts, found, counted, strict=True)
         ]
 
-    def _clean_one(self, text: str, matches: list[Match], vault: Vault | None) -> str:
-        """Mask the ``mask``-category terms of ``text``, then its personal data."""
+    def _clean_one(self, text: str, matches: list[Match], count: bool, vault: Vault | None) -> str:
+        """Mask the ``mask``-category terms of ``text``, then its personal data (counted in
+        the metrics when ``count``)."""
         if self.words is not None and matches:
             masked = [m for m in matches if self.words.action(m.category).inbound == "mask"]
             text = self.words.mask(text, masked)
         if self.pii is not None:
             result = self.pii.mask(text, vault=vault)
-            for entity in result.entities:
-                self.metrics.pii_masked.labels(entity.type).inc()
+            if count:
+                for entity in result.entities:
+                    self.metrics.pii_masked.labels(entity.type).inc()
             text = result.text
         return text
 
