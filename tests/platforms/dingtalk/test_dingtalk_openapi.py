@@ -688,10 +688,11 @@ async def test_connector_group_and_direct_openapi_targets(env: Env) -> None:
 
 
 async def test_connector_direct_without_staff_id_is_not_retryable(env: Env) -> None:
-    """A 1:1 reply that needs the OpenAPI but has no staffId fails permanently, sending nothing."""
+    """A 1:1 reply with no usable sessionWebhook and no staffId fails permanently, sending
+    nothing."""
     conn, _ = env.connector(openapi_after_s=0)
     message = await env.receiver.receive("hi")
-    anonymous = dataclasses.replace(message, reply_to={**message.reply_to, "sender_staff_id": ""})
+    anonymous = dataclasses.replace(message, reply_to={"sender_staff_id": ""})
     with pytest.raises(DingTalkRequestRejected) as caught:
         await conn.send(anonymous, OutboundReply("lost"))
     assert caught.value.retryable is False
@@ -700,6 +701,30 @@ async def test_connector_direct_without_staff_id_is_not_retryable(env: Env) -> N
     conn2, _ = env.connector()
     await conn2.send(no_webhook, OutboundReply("found"))
     assert [reply_text(r) for r in env.sim.replies()] == ["found"]
+
+
+async def test_connector_direct_without_staff_id_keeps_to_its_session_webhook(env: Env) -> None:
+    """Only the sessionWebhook reaches a 1:1 sender without a staffId: an old message still
+    uses it, and a throttled one waits on it instead of failing on the OpenAPI."""
+    conn, registry = env.connector(openapi_after_s=0)
+    message = await env.receiver.receive("hi")
+    anonymous = dataclasses.replace(message, reply_to={**message.reply_to, "sender_staff_id": ""})
+    await conn.send(anonymous, OutboundReply("old but reachable"))
+    assert [r["body"].get("via") for r in env.sim.replies()] == [None]
+
+    class RealishTime(AutoTime):  # fake minutes, but the simulator's throttle ends for real
+        async def sleep(self, delay: float) -> None:
+            await super().sleep(delay)
+            await asyncio.sleep(0.05)
+
+    fake = RealishTime()
+    conn, registry = env.connector(monotonic=fake.clock, sleep=fake.sleep, throttle_wait_s=900)
+    await env.sim.fault({"throttle": {"qps": 0, "seconds": 0.2}})
+    await conn.send(anonymous, OutboundReply("after the throttle"))
+    assert [reply_text(r) for r in env.sim.replies()][-1] == "after the throttle"
+    assert env.sim.replies()[-1]["body"].get("via") is None
+    assert throttled(registry, "platform") >= 1
+    assert env.requests[BATCH_SEND_PATH] == 0  # the OpenAPI was never tried
 
 
 async def test_connector_throttled_reply_waits_and_is_delivered(env: Env) -> None:

@@ -157,6 +157,9 @@ class DingTalkConnector:
     # conversation; 1:1: ``oToMessages/batchSend`` to the sender's staffId). The OpenAPI
     # cannot @-mention, so a group reply sent through it loses the mention. A webhook that
     # answers 300001 (expired) or a throttling code hands the same part to the OpenAPI at once.
+    # A 1:1 sender without a staffId (an external user) is reachable by the webhook only: it is
+    # used until it expires whatever the message's age, and when throttled the part waits on it
+    # (the conversation's bucket takes the penalty) instead of failing on the OpenAPI.
     #
     # Throttling by DingTalk (``RateLimited``: 403 QpsLimit, flowControlledStaffIdList, webhook
     # 130101/660026/410100) counts ``scope="platform"`` and penalizes the bucket it concerns
@@ -236,12 +239,22 @@ class DingTalkConnector:
     def _throttled_by_platform(self) -> None:
         self._metrics.platform_throttled.labels(self.name, "platform").inc()
 
+    @staticmethod
+    def _openapi_reaches(message: InboundMessage) -> bool:
+        """Whether the OpenAPI can answer ``message``: a group, or a sender with a staffId
+        (an external user of a 1:1 chat has none, and only the sessionWebhook reaches them)."""
+        return message.conversation.kind == "group" or bool(
+            message.reply_to.get("sender_staff_id")
+        )
+
     def _webhook_usable(self, message: InboundMessage) -> bool:
         reply_to = message.reply_to
         if not reply_to.get("session_webhook"):
             return False
         if is_session_webhook_expired(reply_to, int(self.wall_clock() * 1000)):
             return False
+        if not self._openapi_reaches(message):
+            return True  # the only way: neither its age nor a throttle mark moves it elsewhere
         if self.wall_clock() - message.received_at >= self.settings.reply.openapi_after_s:
             return False
         key = message.conversation.id
@@ -271,6 +284,9 @@ class DingTalkConnector:
                 logger.debug("%s: session webhook expired; replying via openapi", self.name)
             except RateLimited as exc:
                 self._throttled_by_platform()
+                if not self._openapi_reaches(message):  # wait it out on the same webhook
+                    conversation.penalize(exc.retry_after)
+                    raise
                 self._block_webhook(message.conversation.id, exc.retry_after)
                 logger.debug("%s: session webhook throttled; replying via openapi", self.name)
         await self._take(self._app_bucket, "app")
