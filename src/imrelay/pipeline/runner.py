@@ -78,12 +78,7 @@ class Runner:
 
     async def handle(self, message: InboundMessage, *, resumed: bool = False) -> MessageState:
         """Process ``message`` to a final state and return it."""
-        log = message_logger(
-            logger,
-            platform=message.platform,
-            message_id=message.message_id,
-            conversation=message.conversation.id,
-        )
+        log = _logger_for(message)
         ctx = TurnContext(message=message, log=log, resumed=resumed)
         # model backends send it as x-request-id: the endpoint's logs match the message's trace
         request_id = REQUEST_ID.set(message.message_id)
@@ -111,12 +106,7 @@ class Runner:
         started too many times without finishing): its state, metrics, audit record and INFO
         line are written as for any failed message; nothing is sent.
         """
-        log = message_logger(
-            logger,
-            platform=message.platform,
-            message_id=message.message_id,
-            conversation=message.conversation.id,
-        )
+        log = _logger_for(message)
         ctx = TurnContext(message=message, log=log, resumed=True)
         with log_context(log.extra):
             return await self._settle(ctx, MessageState.FAILED, reason)
@@ -210,6 +200,16 @@ class Runner:
             fields["imrelay.model.name"] = ctx.model_name
             fields["imrelay.model.outcome"] = reason.removeprefix(_MODEL_DROP)
         return fields
+
+
+def _logger_for(message: InboundMessage) -> logging.LoggerAdapter[logging.Logger]:
+    """The runner's logger, carrying the message's ECS fields."""
+    return message_logger(
+        logger,
+        platform=message.platform,
+        message_id=message.message_id,
+        conversation=message.conversation.id,
+    )
 
 
 def _notice(ctx: TurnContext, text: str) -> OutboundReply:
