@@ -64,13 +64,6 @@ class ProcFigures:
             elif line.startswith("VmHWM:"):
                 self.peak_rss_bytes = int(line.split()[1]) * 1024
 
-    def as_dict(self) -> dict[str, Any]:
-        """``{"cpu_s", "peak_rss_mb"}``."""
-        return {
-            "cpu_s": round(self.cpu_s, 2),
-            "peak_rss_mb": round(self.peak_rss_bytes / 2**20, 1),
-        }
-
 
 class Proc:
     """One child process with its log file.
@@ -104,11 +97,6 @@ class Proc:
     def returncode(self) -> int | None:
         """The exit status, or ``None`` while it runs."""
         return None if self._proc is None else self._proc.returncode
-
-    @property
-    def wall_s(self) -> float:
-        """Seconds since the start."""
-        return time.monotonic() - self._started
 
     async def start(self, *, announce: bool = False, within_s: float = 30.0) -> str:
         """Start the process.

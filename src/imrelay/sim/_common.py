@@ -10,8 +10,8 @@ The simulators' per-message paths build their JSON from pieces: :data:`json_str`
 string exactly as ``json.dumps(value, ensure_ascii=False)`` does, so assembled documents match
 what the serialiser would have produced. :class:`FastFront` is the lean HTTP/1.1 server that
 answers a simulator's hot routes in aiohttp's place and hands every other connection to aiohttp
-(see its docstring); :class:`KeepAliveClient` the lean client for requests sent many times a
-second (webhook deliveries, the benchmark's batches).
+(see its docstring). Clients sending many requests a second (webhook deliveries, the
+benchmark's batches) use :class:`imrelay.http.HTTPClient`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ __all__ = [
     "new_request_id",
     "parse_json_object",
     "read_json_object",
-    "read_json_object_text",
     "require_seconds",
 ]
 
@@ -113,22 +112,17 @@ async def read_json_object(request: web.Request) -> dict[str, Any] | None:
     Returns:
         The object, or ``None`` when the body is not UTF-8 JSON or not an object.
     """
-    return (await read_json_object_text(request))[0]
+    return parse_json_object(await request.read())[0]
 
 
-async def read_json_object_text(request: web.Request) -> tuple[dict[str, Any] | None, str]:
-    """Parse the request body as a JSON object and hand back its text as well.
+def parse_json_object(raw: bytes) -> tuple[dict[str, Any] | None, str]:
+    """Parse ``raw`` as a UTF-8 JSON object and hand back its text as well.
 
     Returns:
         The object (``None`` when the body is not UTF-8 JSON or not an object) and the body
         decoded as UTF-8 (``""`` when it is not UTF-8). When the object is not ``None`` the text
         is exactly one JSON value, fit to be embedded in another JSON document.
     """
-    return parse_json_object(await request.read())
-
-
-def parse_json_object(raw: bytes) -> tuple[dict[str, Any] | None, str]:
-    """Parse ``raw`` as a UTF-8 JSON object; see :func:`read_json_object_text`."""
     try:
         text = raw.decode("utf-8")
         value = json.loads(text)
@@ -530,6 +524,3 @@ class FastFront:
         for conn in list(self.connections):
             conn.close()
         self.connections.clear()
-
-
-# ---------------------------------------------------------------------- lean HTTP/1.1 client

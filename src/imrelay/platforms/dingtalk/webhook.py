@@ -95,15 +95,14 @@ class _ReplayGuard:
     """``(timestamp, sign, body digest)`` keys seen within their window; bounded and pruned by
     time.
 
-    Each pair expires when its timestamp leaves the window (it would then be refused as stale
-    anyway). When ``capacity`` pairs are held, the one expiring first is forgotten.
+    Each key expires when its timestamp leaves the window (it would then be refused as stale
+    anyway). When ``capacity`` keys are held, the one expiring first is forgotten.
     """
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("replay capacity must be at least 1")
         self.capacity = capacity
-        self.evicted = 0
         self._expiry: dict[_ReplayKey, float] = {}
         self._heap: list[tuple[float, _ReplayKey]] = []
 
@@ -119,10 +118,9 @@ class _ReplayGuard:
             when, old = heapq.heappop(self._heap)
             if self._expiry.get(old) == when:
                 del self._expiry[old]
-                self.evicted += 1
         self._expiry[key] = expires_at
         heapq.heappush(self._heap, (expires_at, key))
-        if len(self._heap) > 2 * self.capacity:  # released pairs leave stale heap entries
+        if len(self._heap) > 2 * self.capacity:  # released keys leave stale heap entries
             self._heap = [(when, k) for k, when in self._expiry.items()]
             heapq.heapify(self._heap)
         return True
@@ -150,7 +148,8 @@ class DingTalkWebhook:
         clock: wall clock, epoch seconds (timestamp window, replay expiry, ``received_at``).
         has_capacity: whether the intake can take another message now, without waiting
             (e.g. ``lambda: worker.pending < worker.max_pending``).
-        replay_capacity: how many ``(timestamp, sign)`` pairs the replay check holds.
+        replay_capacity: how many ``(timestamp, sign, body digest)`` keys the replay check
+            holds.
     """
 
     def __init__(
@@ -190,7 +189,7 @@ class DingTalkWebhook:
 
     @property
     def replay_entries(self) -> int:
-        """How many ``(timestamp, sign)`` pairs the replay check currently holds."""
+        """How many ``(timestamp, sign, body digest)`` keys the replay check currently holds."""
         return len(self._replay)
 
     async def handle(self, request: web.Request) -> web.Response:
