@@ -35,7 +35,12 @@ from imrelay.platforms.dingtalk.protocol import (
     parse_open_response,
 )
 
-__all__ = ["DingTalkAPI", "build_webhook_body", "is_session_webhook_expired"]
+__all__ = [
+    "DingTalkAPI",
+    "build_webhook_body",
+    "is_session_webhook_expired",
+    "markdown_title",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -298,8 +303,9 @@ class DingTalkAPI:
             raise error
 
 
-def _title(text: str) -> str:
-    """The first non-blank line of ``text`` without markdown markers, at most 20 chars."""
+def markdown_title(text: str) -> str:
+    """The first non-blank line of ``text`` without markdown markers, at most 20 chars: the
+    title DingTalk shows for a markdown message (in the chat list and notifications)."""
     for line in text.splitlines():
         line = line.strip().lstrip("#>*-+ \t").strip()
         if line:
@@ -331,7 +337,7 @@ def build_webhook_body(
     if markdown:
         return {
             "msgtype": "markdown",
-            "markdown": {"title": title or _title(text), "text": content},
+            "markdown": {"title": title or markdown_title(text), "text": content},
             "at": at,
         }
     return {"msgtype": "text", "text": {"content": content}, "at": at}

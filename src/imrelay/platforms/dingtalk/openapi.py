@@ -21,6 +21,7 @@ import logging
 from typing import Any, Final, Protocol
 
 from imrelay.errors import RateLimited
+from imrelay.platforms.dingtalk.api import markdown_title
 from imrelay.platforms.dingtalk.errors import DingTalkRequestRejected
 
 __all__ = [
@@ -45,7 +46,6 @@ FLOW_CONTROL_RETRY_AFTER_S: Final = 2.0
 FLOW_CONTROLLED_ERRCODE: Final = "flowControlledStaffIdList"
 #: The ``errcode`` of the error raised for a user in ``invalidStaffIdList``.
 INVALID_STAFF_ERRCODE: Final = "invalidStaffIdList"
-_TITLE_MAX_CHARS: Final = 20
 
 
 class OpenAPICaller(Protocol):
@@ -58,15 +58,6 @@ class OpenAPICaller(Protocol):
     ) -> dict[str, Any]:
         """Call a token-guarded endpoint; return its JSON object or raise."""
         ...
-
-
-def _title(text: str) -> str:
-    """The first non-blank line of ``text`` without markdown markers, at most 20 chars."""
-    for line in text.splitlines():
-        line = line.strip().lstrip("#>*-+ \t").strip()
-        if line:
-            return line[:_TITLE_MAX_CHARS]
-    return "message"
 
 
 def build_msg_param(text: str, *, markdown: bool, title: str = "") -> tuple[str, str]:
@@ -82,7 +73,7 @@ def build_msg_param(text: str, *, markdown: bool, title: str = "") -> tuple[str,
         The template key and its parameters as a JSON string.
     """
     if markdown:
-        param: dict[str, str] = {"title": title or _title(text), "text": text}
+        param: dict[str, str] = {"title": title or markdown_title(text), "text": text}
         key = "sampleMarkdown"
     else:
         param = {"content": text}
