@@ -34,6 +34,10 @@ class Intake(Protocol):
         """Return once the worker can take another message."""
         ...
 
+    def has_capacity(self) -> bool:
+        """Whether another message can be taken now (webhooks answer 503 when not)."""
+        ...
+
 
 class Platform(Protocol):
     """One configured platform connection."""

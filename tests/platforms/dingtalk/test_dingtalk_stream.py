@@ -270,6 +270,9 @@ class FakeIntake:
             raise self.capacity_errors.pop(0)
         await self.capacity.wait()
 
+    def has_capacity(self) -> bool:
+        return True
+
     def message_ids(self) -> list[str]:
         return [m.message_id for m in self.offered]
 

@@ -94,6 +94,9 @@ class RecordingIntake:
     async def wait_capacity(self) -> None:
         return None
 
+    def has_capacity(self) -> bool:
+        return True
+
 
 @dataclass
 class Endpoint:

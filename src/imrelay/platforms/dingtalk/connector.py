@@ -94,14 +94,13 @@ class DingTalkConnector:
         if self.ingress == "stream":
             await self.stream.run(intake)
             return
-        has_capacity = getattr(intake, "has_capacity", None)
         self.webhook = DingTalkWebhook(
             self.name,
             self.settings,
             intake,
             self._metrics,
             clock=self.wall_clock,
-            has_capacity=has_capacity if callable(has_capacity) else (lambda: True),
+            has_capacity=intake.has_capacity,
         )
         try:
             await asyncio.Event().wait()  # requests arrive through handle_webhook
