@@ -2,9 +2,10 @@
 
 Theory of operation: the backend speaks the chat completions protocol itself
 (https://platform.openai.com/docs/api-reference/chat) over the gateway's own HTTP/1.1 client,
-:class:`imrelay.http.HTTPClient`: the gateway passes its shared client (``client``), or the
-backend builds one on first use, with a keep-alive pool of up to 1000 connections to the
-endpoint, and closes it in :meth:`OpenAICompatBackend.aclose`. A call is one
+:class:`imrelay.http.HTTPClient`, which the backend builds on first use (a keep-alive pool of
+up to 1000 connections to the endpoint, idle ones dropped after 4 s, before a uvicorn-based
+server's 5 s) and closes in :meth:`OpenAICompatBackend.aclose`; tests may inject one
+(``client``), whose owner closes it. A call is one
 ``POST {base_url}/chat/completions`` whose JSON body is built as a plain dict: ``model``,
 ``messages`` (as given), ``max_tokens``, ``temperature``, and with streaming ``stream: true``
 and ``stream_options: {include_usage: true}``. ``Authorization: Bearer`` is sent only when an
@@ -31,8 +32,9 @@ whole answer. Without streaming one request returns the whole text, yielded once
 read of the body) runs under one deadline fixed when :meth:`OpenAICompatBackend.generate`
 starts. The deadline is applied around each wait rather than around the generator body,
 because a timeout scope that spans a ``yield`` would cancel the *consumer* while it holds a
-delta. Data already received is parsed without arming a timer. Connecting (DNS, TCP, TLS and
-waiting for a pooled connection) is also bounded by ``min(timeout_s, 10)`` s.
+delta. Data already received is parsed without arming a timer. Connecting (DNS, TCP and TLS)
+is also bounded by ``min(timeout_s, 10)`` s on the backend's own client; waiting for a free
+pooled connection only by the deadline.
 
 Errors are translated here, at the edge (https://platform.openai.com/docs/guides/error-codes):
 
@@ -235,9 +237,8 @@ class OpenAICompatBackend:
     Args:
         name: the configured model name (used in errors and logs).
         settings: endpoint, model, sampling and timeout settings.
-        client: the HTTP client to use (the gateway's shared one); when given, its owner
-            closes it. By default the backend builds one on first use and closes it in
-            :meth:`aclose`.
+        client: an HTTP client to use instead of the backend's own (tests); its owner closes
+            it. By default the backend builds one on first use and closes it in :meth:`aclose`.
         clock: a monotonic clock in seconds, for the timings in :class:`Generation`.
     """
 
