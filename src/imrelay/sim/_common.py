@@ -42,6 +42,8 @@ __all__ = [
     "FastExchange",
     "FastFront",
     "FastHandler",
+    "api_error",
+    "api_error_text",
     "json_response",
     "json_str",
     "json_text",
@@ -104,6 +106,16 @@ def json_text_response(text: str, *, status: int = 200) -> web.Response:
 def new_request_id() -> str:
     """Return an id shaped like the ``requestid`` of DingTalk-style API errors."""
     return str(uuid.uuid4()).upper()
+
+
+def api_error_text(code: str, message: str) -> str:
+    """A DingTalk new-API error body, ``{"requestid", "code", "message"}``, as JSON text."""
+    return json_text({"requestid": new_request_id(), "code": code, "message": message})
+
+
+def api_error(status: int, code: str, message: str) -> web.Response:
+    """A DingTalk new-API error answer (see :func:`api_error_text`)."""
+    return json_text_response(api_error_text(code, message), status=status)
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any] | None:

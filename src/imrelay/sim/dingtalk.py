@@ -91,12 +91,13 @@ from imrelay.sim._common import (
     BoundedDict,
     FastExchange,
     FastFront,
+    api_error,
+    api_error_text,
     json_response,
     json_str,
     json_text,
     json_text_response,
     loopback_url,
-    new_request_id,
     parse_json_object,
     read_json_object,
     require_seconds,
@@ -193,20 +194,11 @@ _OK_TEXT: Final = _errcode(0, "ok")
 _AFTER_ERROR: Final = '{"error": "after must be a non-negative integer"}'
 
 
-def _api_error(status: int, code: str, message: str) -> web.Response:
-    """Return a new-API error body ``{"requestid","code","message"}``."""
-    return json_text_response(_api_error_text(code, message), status=status)
-
-
-def _api_error_text(code: str, message: str) -> str:
-    return json_text({"requestid": new_request_id(), "code": code, "message": message})
-
-
 _BAD_CREDENTIALS: Final = "无效的clientId或者clientSecret"
 
 
 def _bad_credentials() -> web.Response:
-    return _api_error(400, "invalidClientIdOrSecret", _BAD_CREDENTIALS)
+    return api_error(400, "invalidClientIdOrSecret", _BAD_CREDENTIALS)
 
 
 def _is_str(value: object) -> bool:
@@ -1107,11 +1099,11 @@ class DingTalkSimulator:
         """``POST /v1.0/gateway/connections/open``: the status and JSON text of the answer."""
         body = parse_json_object(raw)[0]
         if body is None:
-            return 400, _api_error_text("invalidParameter", "body must be a json object")
+            return 400, api_error_text("invalidParameter", "body must be a json object")
         self.open_calls.append({k: v for k, v in body.items() if k != "clientSecret"})
         if self._refusing() or self._closed:
             unavailable = "service unavailable, retry later"
-            return 503, _api_error_text("ServiceUnavailable", unavailable)
+            return 503, api_error_text("ServiceUnavailable", unavailable)
         client_id, client_secret = body.get("clientId"), body.get("clientSecret")
         if not (
             isinstance(client_id, str)
@@ -1119,14 +1111,14 @@ class DingTalkSimulator:
             and secrets.compare_digest(client_id.encode(), self._app_key.encode())
             and secrets.compare_digest(client_secret.encode(), self._app_secret.encode())
         ):
-            return 400, _api_error_text("invalidClientIdOrSecret", _BAD_CREDENTIALS)
+            return 400, api_error_text("invalidClientIdOrSecret", _BAD_CREDENTIALS)
         subscriptions = body.get("subscriptions")
         if not isinstance(subscriptions, list) or not all(
             isinstance(s, dict) and _is_str(s.get("type")) and _is_str(s.get("topic"))
             for s in subscriptions
         ):
             problem = "subscriptions must be [{type, topic}]"
-            return 400, _api_error_text("invalidParameter", problem)
+            return 400, api_error_text("invalidParameter", problem)
         now = self._clock()
         for key in [k for k, t in self._tickets.items() if t.expires_at < now]:
             del self._tickets[key]
@@ -1141,13 +1133,13 @@ class DingTalkSimulator:
 
     async def _handle_connect(self, request: web.Request) -> web.StreamResponse:
         if self._refusing() or self._closed:
-            return _api_error(503, "ServiceUnavailable", "service unavailable, retry later")
+            return api_error(503, "ServiceUnavailable", "service unavailable, retry later")
         ws = web.WebSocketResponse(autoping=False, compress=False, timeout=1.0)
         if not ws.can_prepare(request).ok:
-            return _api_error(400, "invalidParameter", "websocket upgrade required")
+            return api_error(400, "invalidParameter", "websocket upgrade required")
         ticket = self._tickets.pop(request.query.get("ticket", ""), None)
         if ticket is None or ticket.expires_at < self._clock():
-            return _api_error(401, "invalidTicket", "ticket is invalid, used or expired")
+            return api_error(401, "invalidTicket", "ticket is invalid, used or expired")
         transport = request.transport
         await ws.prepare(request)
         wants_bot = {"type": "CALLBACK", "topic": BOT_MESSAGE_TOPIC} in ticket.subscriptions
@@ -1277,7 +1269,7 @@ class DingTalkSimulator:
         """
         token = request.headers.get("x-acs-dingtalk-access-token")
         if not token:
-            return _api_error(
+            return api_error(
                 400,
                 "AuthenticationFailed.MissingParameter",
                 "缺少参数 x-acs-dingtalk-access-token",
@@ -1288,7 +1280,7 @@ class DingTalkSimulator:
             or current[1] <= self._clock()
             or not secrets.compare_digest(token.encode(), current[0].encode())
         ):
-            return _api_error(401, "InvalidAuthentication", "不合法的access_token")
+            return api_error(401, "InvalidAuthentication", "不合法的access_token")
         return None
 
     def invalidate_token(self) -> None:

@@ -53,7 +53,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
-from imrelay.sim._common import BoundedDict, json_response, new_request_id, read_json_object
+from imrelay.sim._common import (
+    BoundedDict,
+    api_error,
+    json_response,
+    read_json_object,
+)
 
 if TYPE_CHECKING:
     from imrelay.sim.dingtalk import DingTalkSimulator
@@ -86,14 +91,8 @@ _MAX_OUT_TRACK_CHARS: Final = 64
 _QPS_LIMITED: Final = "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi"
 
 
-def _api_error(status: int, code: str, message: str) -> web.Response:
-    return json_response(
-        {"requestid": new_request_id(), "code": code, "message": message}, status=status
-    )
-
-
 def _bad(code: str, message: str) -> web.Response:
-    return _api_error(400, code, message)
+    return api_error(400, code, message)
 
 
 def _is_str(value: object) -> bool:
@@ -402,7 +401,7 @@ class CardExtension:
             times.popleft()
         if len(times) >= self.streaming_qps:
             self.qps_rejections += 1
-            return _api_error(403, _QPS_LIMITED, "请求过于频繁，限制将在 1 秒后结束")
+            return api_error(403, _QPS_LIMITED, "请求过于频繁，限制将在 1 秒后结束")
         card = self._card(body)
         if isinstance(card, web.Response):
             return card

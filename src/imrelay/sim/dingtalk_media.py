@@ -35,7 +35,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
-from imrelay.sim._common import BoundedDict, json_response, new_request_id, read_json_object
+from imrelay.sim._common import (
+    BoundedDict,
+    api_error,
+    json_response,
+    read_json_object,
+)
 
 if TYPE_CHECKING:
     from imrelay.sim.dingtalk import DingTalkSimulator
@@ -90,12 +95,6 @@ _DEFAULT_BYTES: Final[Mapping[str, bytes]] = {
 class _Media:
     data: bytes
     content_type: str
-
-
-def _api_error(status: int, code: str, message: str) -> web.Response:
-    return json_response(
-        {"code": code, "message": message, "requestid": new_request_id()}, status=status
-    )
 
 
 class MediaExtension:
@@ -209,11 +208,11 @@ class MediaExtension:
         code = body.get("downloadCode") if body else None
         robot = body.get("robotCode") if body else None
         if not isinstance(code, str) or not isinstance(robot, str) or not code or not robot:
-            return _api_error(400, "MissingParameter", "缺少参数 downloadCode 或 robotCode")
+            return api_error(400, "MissingParameter", "缺少参数 downloadCode 或 robotCode")
         if robot != self.sim.app_key:
-            return _api_error(400, "invalidParameter.robotCode.auth", "robotCode 无权限")
+            return api_error(400, "invalidParameter.robotCode.auth", "robotCode 无权限")
         if code not in self._items:
-            return _api_error(400, "invalidParameter.downloadCode", "downloadCode 无效")
+            return api_error(400, "invalidParameter.downloadCode", "downloadCode 无效")
         token = secrets.token_urlsafe(24)
         self._urls[token] = (code, self.sim.clock() + self.url_ttl_s)
         self.downloads += 1

@@ -43,7 +43,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
-from imrelay.sim._common import json_response, new_request_id, read_json_object, require_seconds
+from imrelay.sim._common import (
+    api_error,
+    json_response,
+    read_json_object,
+    require_seconds,
+)
 
 if TYPE_CHECKING:
     from imrelay.sim.dingtalk import DingTalkSimulator
@@ -73,12 +78,6 @@ MSG_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
     "sampleFile": ("mediaId", "fileName", "fileType"),
     "sampleVideo": ("duration", "videoMediaId", "videoType", "picMediaId"),
 }  # fmt: skip
-
-
-def _api_error(status: int, code: str, message: str) -> web.Response:
-    return json_response(
-        {"requestid": new_request_id(), "code": code, "message": message}, status=status
-    )
 
 
 def _rendered(msg_key: str, param: Mapping[str, Any]) -> dict[str, Any]:
@@ -270,7 +269,7 @@ class OpenAPIExtension:
         now = asyncio.get_running_loop().time()
         free_in = 1.0 if not window else max(0.0, window[0] + 1.0 - now)
         ends = self.sim.clock() + math.ceil(free_in * 1000) / 1000
-        return _api_error(
+        return api_error(
             403,
             "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi",
             f"请求过于频繁，限制将在 {ends:.3f} 结束",
@@ -316,7 +315,7 @@ class OpenAPIExtension:
 
     def _bad(self, code: str, message: str) -> web.Response:
         self.bad_requests += 1
-        return _api_error(400, code, message)
+        return api_error(400, code, message)
 
     async def _handle_batch_send(self, request: web.Request) -> web.Response:
         checked = await self._common(request)
