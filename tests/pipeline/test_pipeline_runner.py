@@ -608,6 +608,7 @@ class _Stream:
 
     def __init__(self) -> None:
         self.updates: list[str] = []
+        self.behind = False  # every update is shown at once
         self.finished: list[str] = []
         self.failed: list[str] = []
 

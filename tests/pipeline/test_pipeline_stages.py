@@ -871,6 +871,7 @@ class _Stream:
         fail_error: Exception | None = None,
     ) -> None:
         self.updates: list[str] = []
+        self.behind = False  # every update is shown at once
         self.finished: list[str] = []
         self.failed: list[str] = []
         self.finish_error = finish_error
@@ -888,6 +889,23 @@ class _Stream:
         if self.fail_error is not None:
             raise self.fail_error
         self.failed.append(notice)
+
+
+class _SlowStream(_Stream):
+    """A stream that shows an update only every third delta (``behind`` in between)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
+    @property  # type: ignore[override]
+    def behind(self) -> bool:
+        self.asked += 1
+        return self.asked % 3 != 1
+
+    @behind.setter
+    def behind(self, value: bool) -> None:
+        pass
 
 
 def _opener(stream: _Stream | None, seen: list[Any]) -> Callable[..., Any]:
@@ -908,6 +926,34 @@ def _streaming_stage(
         failure_notice=FAILURE,
         streams=_opener(stream, seen),
     )
+
+
+async def test_generate_stream_builds_no_view_while_the_stream_is_behind(
+    make_ctx: Callable[..., Any], make_backend: Callable[..., Any], metrics: Metrics
+) -> None:
+    """The view (outbound safety over the whole answer so far) is built only when the stream
+    can show it, not for every delta; the final text still passes it and finishes the stream."""
+    views: list[str] = []
+
+    async def view(ctx: TurnContext, text: str) -> str:
+        views.append(text)
+        return text.upper()
+
+    stream = _SlowStream()
+    stage = GenerateStage(
+        {"default": make_backend("default", [f"{i} " for i in range(7)])},
+        system_prompts={},
+        metrics=metrics,
+        failure_notice=FAILURE,
+        streams=_opener(stream, []),
+        view=view,
+    )
+    ctx = make_ctx()
+    ctx.model_name = "default"
+    assert await stage(ctx) is ctx
+    assert stream.updates == ["0 ", "0 1 2 3 ", "0 1 2 3 4 5 6 "]
+    assert views == ["0 ", "0 1 2 3 ", "0 1 2 3 4 5 6 ", "0 1 2 3 4 5 6 "]  # 3 + the final
+    assert stream.finished == ["0 1 2 3 4 5 6 "]
 
 
 async def test_generate_stream_gets_every_prefix_then_final_text(

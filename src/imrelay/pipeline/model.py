@@ -115,7 +115,8 @@ class GenerateStage:
             async for delta in backend.generate(ctx.prompt, result):
                 if stream is not None:
                     shown += delta
-                    await stream.update(await self._visible(ctx, shown, partial=True))
+                    if not stream.behind:  # the view costs O(answer): built once per push
+                        await stream.update(await self._visible(ctx, shown, partial=True))
         except ModelError as exc:
             outcome = _outcome(exc)
             self.metrics.model_requests.labels(ctx.model_name, outcome).inc()

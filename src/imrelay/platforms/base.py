@@ -83,11 +83,18 @@ class Platform(Protocol):
 class ReplyStream(Protocol):
     """An answer shown while it is generated (a DingTalk AI card, a Slack message edited…).
 
-    ``update`` is called with the whole text so far after every model delta and must return
-    at once (implementations coalesce updates to respect the platform's rate limits);
-    ``finish`` shows the final text and returns once the platform accepted it; ``fail`` marks
-    the answer as failed.
+    ``update`` is called with the whole text so far after a model delta and must return at
+    once (implementations coalesce updates to respect the platform's rate limits); ``finish``
+    shows the final text and returns once the platform accepted it; ``fail`` marks the answer
+    as failed. While ``behind`` is true an update would only replace one not shown yet, so the
+    caller skips building it (building the text an answer may show costs time in proportion to
+    the answer: once per push, not once per token).
     """
+
+    @property
+    def behind(self) -> bool:
+        """Whether an earlier update is still waiting to be shown (or nothing more will be)."""
+        ...
 
     async def update(self, text: str) -> None:
         """Show ``text`` (the whole answer so far) soon."""

@@ -295,6 +295,29 @@ async def test_card_coalesces_with_injected_clock(
     assert stream.writes == 3
 
 
+async def test_card_is_behind_while_an_update_waits_and_after_the_end(
+    cards: tuple[DingTalkSimulator, CardExtension], api: DingTalkAPI
+) -> None:
+    """``behind`` is true from an update until it is shown, and once the card is finished (the
+    pipeline builds no text for it then)."""
+    sim, _ = cards
+    clock = _GateClock()
+    stream = await _start(api, sim, reply=_reply(300), clock=clock, sleep=clock.sleep)
+    assert stream.behind is False
+    await stream.update("a")
+    assert stream.behind is True
+    await wait_for(lambda: bool(clock.pending), what="writer waiting for the interval")
+    clock.release()
+    await wait_for(lambda: stream.shown == "a", what="the write")
+    assert stream.behind is False
+    finishing = asyncio.create_task(stream.finish("ab"))
+    await wait_for(lambda: bool(clock.pending), what="finish waiting for the interval")
+    assert stream.behind is True
+    clock.release()
+    await finishing
+    assert stream.behind is True
+
+
 async def test_card_fail_shows_notice(
     cards: tuple[DingTalkSimulator, CardExtension], api: DingTalkAPI
 ) -> None:

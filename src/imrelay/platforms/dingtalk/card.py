@@ -340,6 +340,11 @@ class DingTalkCardStream:
 
     # -- ReplyStream ------------------------------------------------------------------------
 
+    @property
+    def behind(self) -> bool:
+        """An update is waiting for its turn, or the card takes no more updates."""
+        return self._closed or self._broken or self._latest != self._shown
+
     async def update(self, text: str) -> None:
         """Record ``text`` (the whole answer so far); the writer sends it soon."""
         if self._closed:
