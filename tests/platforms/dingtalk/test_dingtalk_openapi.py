@@ -803,6 +803,31 @@ async def test_connector_keeps_to_the_app_limit(env: Env) -> None:
     assert len(env.sim.replies()) == 5
 
 
+async def test_connector_app_limit_covers_every_openapi_call(env: Env) -> None:
+    """Any token-guarded call of the connector's API (here sends made outside the reply path,
+    as AI cards and media downloads make theirs) is paced by the app bucket, and DingTalk's
+    QpsLimit answer to one penalizes the bucket for all."""
+    fake = AutoTime()
+    conn, registry = env.connector(app_qps=3, monotonic=fake.clock, sleep=fake.sleep)
+    robot = conn.settings.effective_robot_code
+    for i in range(4):
+        await send_to_group(conn.api, robot, DEFAULT_GROUP_ID, f"call {i}", False)
+    assert fake.slept == pytest.approx(1.5)  # burst 1, then 2 per second
+    assert throttled(registry, "app") == 3
+    await env.sim.fault({"throttle": {"qps": 0, "seconds": 0.2}})
+    slept = fake.slept
+    with pytest.raises(RateLimited):
+        await send_to_group(conn.api, robot, DEFAULT_GROUP_ID, "refused", False)
+    assert fake.slept - slept == pytest.approx(0.5)  # the bucket's own pace, no penalty yet
+    slept = fake.slept
+    deadline = time.monotonic() + 5
+    while env.sim.state()["openapi"]["throttle_active"]:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    await send_to_group(conn.api, robot, DEFAULT_GROUP_ID, "after", False)
+    assert fake.slept - slept >= 1.0  # the QpsLimit's 1 s penalty on the app bucket
+
+
 async def test_connector_webhook_throttle_mark_expires_and_is_bounded(env: Env) -> None:
     """A throttled webhook is avoided for retry_after, then used again; old marks are dropped."""
     fake = AutoTime()

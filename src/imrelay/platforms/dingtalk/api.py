@@ -19,14 +19,14 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from imrelay import __version__
-from imrelay.errors import PlatformAPIError
+from imrelay.errors import PlatformAPIError, RateLimited
 from imrelay.http import HTTPClient, HTTPError
 from imrelay.platforms.dingtalk.errors import DingTalkTokenInvalid, error_from_response
 from imrelay.platforms.dingtalk.protocol import (
@@ -64,6 +64,11 @@ class DingTalkAPI:
         clock: returns epoch seconds; drives the token cache.
         user_agent: sent as ``User-Agent`` and as the open-connection ``ua``.
         client: the gateway's HTTP client (not closed here); preferred over ``http``.
+        admit: awaited before every token-guarded call (:meth:`call`): DingTalk's per-app QPS
+            limit covers its whole OpenAPI (sends, AI cards, media), so the app's limiter
+            belongs here rather than on one kind of call.
+        throttled: told of every ``RateLimited`` a token-guarded call answered (the limiter
+            takes the penalty).
     """
 
     def __init__(
@@ -78,9 +83,13 @@ class DingTalkAPI:
         clock: Callable[[], float] = time.time,
         user_agent: str = f"imrelay/{__version__}",
         client: HTTPClient | None = None,
+        admit: Callable[[], Awaitable[None]] | None = None,
+        throttled: Callable[[RateLimited], None] | None = None,
     ) -> None:
         self._http = http
         self._client = client
+        self._admit = admit
+        self._throttled = throttled
         self.platform = platform
         self.app_key = app_key
         self._app_secret = app_secret
@@ -264,6 +273,8 @@ class DingTalkAPI:
         name = what or path
         for attempt in (1, 2):
             token = await self.access_token(force=attempt == 2)
+            if self._admit is not None:
+                await self._admit()
             status, _, parsed = await self._request(
                 method,
                 self.api_base + path,
@@ -277,6 +288,8 @@ class DingTalkAPI:
             if attempt == 1 and isinstance(error, DingTalkTokenInvalid):
                 logger.info("%s: access token refused; refreshing it once", name)
                 continue
+            if isinstance(error, RateLimited) and self._throttled is not None:
+                self._throttled(error)
             raise error
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -69,6 +69,9 @@ class DingTalkConnector:
             timeout_s=settings.http_timeout_s,
             clock=wall_clock,
             client=client,
+            # the app's QPS limit covers every OpenAPI call (sends, cards, media)
+            admit=lambda: self._take(self._app_bucket, "app"),
+            throttled=lambda exc: self._app_bucket.penalize(exc.retry_after),
         )
         self.http = http
         self.stream = DingTalkStream(name, settings, self.api, http, metrics)
@@ -143,10 +146,11 @@ class DingTalkConnector:
     #
     # Theory of operation: every reply part first takes a token from its conversation's bucket
     # (at most ``rate_limit.per_conversation_per_minute`` (P) in any minute: bursts of P/2, then
-    # P/2 per minute; see ``bucket_params``), then, for an OpenAPI call, one from the app's
-    # bucket (at most ``rate_limit.app_qps`` (Q) in any second: one at once, then Q-1 per
-    # second). DingTalk's per-app QPS limit is on its OpenAPI; sessionWebhook posts are limited
-    # per robot and conversation, which the conversation bucket covers.
+    # P/2 per minute; see ``bucket_params``). Every OpenAPI call (a send, an AI-card write, a
+    # media download URL) takes one from the app's bucket (at most ``rate_limit.app_qps`` (Q)
+    # in any second: one at once, then Q-1 per second), in ``DingTalkAPI.call``: DingTalk's
+    # per-app QPS limit is on its whole OpenAPI. sessionWebhook posts are limited per robot and
+    # conversation, which the conversation bucket covers.
     # A wait on either counts
     # ``imrelay_platform_throttled_total{scope="conversation"|"app"}``.
     #
@@ -288,13 +292,12 @@ class DingTalkConnector:
                     raise
                 self._block_webhook(message.conversation.id, exc.retry_after)
                 logger.debug("%s: session webhook throttled; replying via openapi", self.name)
-        await self._take(self._app_bucket, "app")
-        try:
+        try:  # the app bucket is taken, and penalized, by every OpenAPI call (self.api)
             await self._send_openapi(message, reply)
         except RateLimited as exc:
             self._throttled_by_platform()
-            flow_controlled = exc.errcode == FLOW_CONTROLLED_ERRCODE
-            (conversation if flow_controlled else self._app_bucket).penalize(exc.retry_after)
+            if exc.errcode == FLOW_CONTROLLED_ERRCODE:  # this user, not the app
+                conversation.penalize(exc.retry_after)
             raise
 
     async def _send_webhook(self, message: InboundMessage, reply: OutboundReply) -> None:
