@@ -269,7 +269,6 @@ class Gateway:
         """The pipeline, in the order DESIGN §1 gives (rebuilt from scratch by a reload)."""
         s = self.settings
         sec = s.security
-        by_kind: dict[str, str] = dict(s.routing.by_kind.items())
         dedup = self._dedup
         sender = ReplySender(self.platforms, self.store, self.metrics, clock=self.wall_clock)
         policy = AccessPolicy(sec.access)
@@ -282,7 +281,9 @@ class Gateway:
             AccessStage(group_require_mention=s.pipeline.group_require_mention),
             *([self._rate_limit_stage(policy)] if sec.rate_limit.enabled else []),
             PermissionStage(policy, notice=sec.access.denied_notice, audit=self.audit),
-            KindStage(unsupported_notice=s.pipeline.unsupported_notice, routes=by_kind),
+            KindStage(
+                unsupported_notice=s.pipeline.unsupported_notice, routes=router.routed_kinds
+            ),
             AdminCommandStage(
                 policy,
                 denied_notice=sec.access.admin_denied_notice,
@@ -309,7 +310,11 @@ class Gateway:
                 clock=self.wall_clock,
                 counter=load_token_counter(s.context.tokenizer),
             ),
-            MediaStage(self._media_fetchers(), routes=by_kind, notice=s.pipeline.failure_notice),
+            MediaStage(
+                self._media_fetchers(),
+                notice=s.pipeline.failure_notice,
+                unsupported_notice=s.pipeline.unsupported_notice,
+            ),
             GenerateStage(
                 self._routed_models(),
                 system_prompts={name: m.system_prompt for name, m in s.models.items()},

@@ -116,6 +116,35 @@ async def test_picture_reaches_vision_route_as_image_part(
     await settled(gateway, ids["msg_id"], MessageState.REPLIED)
 
 
+async def test_picture_follows_a_rule_naming_image(
+    gateway_factory: GatewayFactory,
+    dingtalk_sim: DingTalkSimulator,
+    model_sim: ModelSimulator,
+) -> None:
+    """Without ``by_kind.image``, a rule with ``match.kind: image`` routes pictures (its
+    system prompt applies); a picture that rule does not match gets the unsupported notice."""
+    overrides = vision_overrides(model_sim)
+    overrides["routing__by_kind"] = {}
+    overrides["routing__rules"] = [
+        {
+            "name": "pictures-from-staff-1",
+            "match": {"kind": "image", "user": "staff-1"},
+            "model": "vision",
+            "system_prompt": "Describe the picture.",
+        }
+    ]
+    gateway = await start(gateway_factory, dingtalk_sim, **overrides)
+    ids = await dingtalk_sim.send_message(msgtype="picture", sender_id="staff-1")
+    (reply,) = await replies_for(dingtalk_sim, ids["msg_id"])
+    assert "images: 1" in reply_text(reply)
+    (request,) = model_sim.requests
+    assert request["messages"][0] == {"role": "system", "content": "Describe the picture."}
+    other = await dingtalk_sim.send_message(msgtype="picture", sender_id="staff-2")
+    (notice,) = await replies_for(dingtalk_sim, other["msg_id"])
+    assert reply_text(notice) == gateway.settings.pipeline.unsupported_notice
+    assert len(model_sim.requests) == 1
+
+
 async def test_rich_text_keeps_text_and_picture(
     gateway_factory: GatewayFactory,
     dingtalk_sim: DingTalkSimulator,

@@ -21,7 +21,6 @@ PNG = build_png(3, 1, (0, 128, 255))
 JPEG = b"\xff\xd8\xff\xe0" + bytes(16)
 GIF = b"GIF89a" + bytes(16)
 WEBP = b"RIFF\x10\x00\x00\x00WEBPVP8 " + bytes(8)
-ROUTES = {"image": "vision"}
 NOTICE = "could not read your picture"
 
 
@@ -57,8 +56,8 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 
 
 def stage(fetch: Any, **kwargs: Any) -> MediaStage:
-    kwargs.setdefault("routes", ROUTES)
     kwargs.setdefault("notice", NOTICE)
+    kwargs.setdefault("unsupported_notice", "text only")
     return MediaStage(fetch, **kwargs)
 
 
@@ -99,10 +98,10 @@ def test_has_pictures_looks_at_image_attachments(make_message: Callable[..., Any
 
 
 async def test_media_picture_becomes_image_part(make_ctx: Callable[..., Any]) -> None:
-    """A picture is downloaded, sent as a data URL, and routed to the image model."""
+    """A picture is downloaded and sent as a data URL to the model routing picked for it."""
     fetch = FakeFetch({"c1": PNG})
     ctx = make_ctx(kind="image", text="", attachments=(image("c1"),))
-    ctx.model_name = "vision"
+    ctx.model_name, ctx.route_rule = "vision", "by_kind.image"
     assert await stage(fetch)(ctx) is ctx
     assert ctx.user_content == [{"type": "image_url", "image_url": {"url": data_url(PNG)}}]
     assert ctx.model_name == "vision"
@@ -120,12 +119,15 @@ async def test_media_picture_with_text_puts_text_first(make_ctx: Callable[..., A
     ]
 
 
-async def test_media_rich_text_goes_to_image_route(make_ctx: Callable[..., Any]) -> None:
-    """Rich text with pictures goes to the image model even when ``rich`` has its own route."""
+async def test_media_rich_text_with_pictures_gets_image_parts(
+    make_ctx: Callable[..., Any],
+) -> None:
+    """Rich text with pictures (routed as ``image``) is sent as text and image parts; the
+    stage keeps the model routing picked."""
     fetch = FakeFetch({"a": PNG, "b": GIF})
     ctx = make_ctx(kind="rich", text="look", attachments=(image("a"), image("b")))
-    ctx.model_name = "texty"
-    await stage(fetch, routes={"image": "vision", "rich": "texty"})(ctx)
+    ctx.model_name, ctx.route_rule = "vision", "rule pictures"
+    await stage(fetch)(ctx)
     assert ctx.model_name == "vision"
     assert ctx.user_content == [
         {"type": "text", "text": "look"},
@@ -257,11 +259,18 @@ async def test_media_unexpected_error_propagates(make_ctx: Callable[..., Any]) -
         await stage(fetch)(ctx)
 
 
-async def test_media_without_image_route_passes(make_ctx: Callable[..., Any]) -> None:
-    """With no image route the stage leaves every message alone."""
+@pytest.mark.parametrize("kind", ["image", "rich", "file", "video"])
+async def test_media_routed_to_default_gets_the_unsupported_notice(
+    make_ctx: Callable[..., Any], kind: str
+) -> None:
+    """A picture, file or video that routing gave to ``default`` (no rule or ``by_kind`` for
+    its kind matched) gets the unsupported notice; nothing is downloaded."""
     fetch = FakeFetch({"c": PNG})
-    ctx = make_ctx(kind="image", text="", attachments=(image("c"),))
-    assert await stage(fetch, routes={})(ctx) is ctx
+    ctx = make_ctx(
+        kind=kind, text="", attachments=(Attachment(kind.replace("rich", "image"), "c"),)
+    )
+    ctx.route_rule = "default"
+    assert await stage(fetch)(ctx) == Drop("unsupported_kind", notice="text only")
     assert ctx.user_content is None
     assert fetch.calls == []
 
@@ -277,7 +286,7 @@ async def test_media_text_messages_untouched(make_ctx: Callable[..., Any]) -> No
 def test_media_rejects_zero_max_images() -> None:
     """``max_images`` must allow at least one picture."""
     with pytest.raises(ValueError, match="max_images"):
-        MediaStage(FakeFetch(), routes={}, notice="", max_images=0)
+        MediaStage(FakeFetch(), notice="", max_images=0)
 
 
 # -- MediaStage: files and videos ------------------------------------------------------------
@@ -302,16 +311,10 @@ async def test_media_routed_file_or_video_becomes_note(
     """A routed file or video reaches its model as a note naming it, without a download."""
     fetch = FakeFetch()
     ctx = make_ctx(kind=kind, text=text, attachments=attachments)
-    assert await stage(fetch, routes={kind: "files"})(ctx) is ctx
+    ctx.route_rule = f"by_kind.{kind}"
+    assert await stage(fetch)(ctx) is ctx
     assert ctx.user_content == note
     assert fetch.calls == []
-
-
-async def test_media_unrouted_file_untouched(make_ctx: Callable[..., Any]) -> None:
-    """Without a route of its own, a file gets no note (the kind stage stops it anyway)."""
-    ctx = make_ctx(kind="file", text="", attachments=(Attachment("file", "c", "a.zip"),))
-    assert await stage(FakeFetch())(ctx) is ctx
-    assert ctx.user_content is None
 
 
 # -- KindStage -------------------------------------------------------------------------------

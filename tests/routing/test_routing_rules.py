@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from imrelay.config import RoutingSettings
+from imrelay.message import Attachment
 from imrelay.pipeline.guard import MemoryModelPins
 from imrelay.routing.canary import CanaryBook, CanaryDecision, CanaryStateFile
 from imrelay.routing.code import CodeVerdict, detect_code
@@ -253,6 +254,38 @@ def test_rules_pin_wins_over_rules_and_unknown_pins_are_ignored(
     assert router.pick(make_message()).model == "finance"
     unchecked = Router(routing, pins=pins)  # no model list: the pin is trusted
     assert unchecked.pick(make_message()).model == "removed-model"
+
+
+def test_rules_pictures_follow_only_steps_naming_their_kind(
+    make_routing: RoutingFactory, make_message: Any
+) -> None:
+    """A picture (or a rich message holding one, routed as ``image``) goes to a rule naming
+    ``image``, else ``by_kind.image``; a pin or a rule without a kind leaves it alone (it
+    would hand a picture to a text model); with none of these it falls to ``default``."""
+    picture = Attachment("image", "code1")
+    routing = make_routing(
+        rules=[
+            {"match": {}, "model": "finance"},
+            {"match": {"kind": "image", "group": "cidVision"}, "model": "coder"},
+        ],
+        by_kind={"image": "qwen"},
+    )
+    pins = MemoryModelPins()
+    pins.set("dingtalk:cid-1", "finance")
+    router = Router(routing, pins=pins)
+    assert router.routed_kinds == frozenset({"image"})
+    assert router.pick(make_message()).rule == "pin"  # text: the pin applies
+    image = router.pick(make_message("", kind="image", attachments=(picture,)))
+    assert (image.model, image.rule, image.kind) == ("qwen", "by_kind.image", "image")
+    rich = router.pick(make_message("look", kind="rich", attachments=(picture,)))
+    assert (rich.model, rich.rule, rich.kind) == ("qwen", "by_kind.image", "image")
+    grouped = router.pick(make_message("", kind="image", conv_kind="group", conv_id="cidVision"))
+    assert (grouped.model, grouped.rule) == ("coder", "rule #2")
+    words_only = router.pick(make_message("just words", kind="rich"))
+    assert (words_only.model, words_only.rule) == ("finance", "pin")
+    bare = Router(make_routing(rules=[{"match": {}, "model": "finance"}]))
+    assert bare.routed_kinds == frozenset()
+    assert bare.pick(make_message("", kind="image")).rule == "default"
 
 
 def test_rules_text_argument_overrides_the_message_text(

@@ -53,6 +53,7 @@ class TurnContext:
     user_content: Any = None  # OpenAI content parts for the message (text + images); None: text
     streamed: bool = False  # the answer was delivered while it was generated (e.g. an AI card)
     route_reason: str = ""  # why the route stage picked ``model_name`` (for logs)
+    route_rule: str = ""  # the routing step that decided (``rule x``, ``by_kind.image``, …)
     system_prompt: str | None = None  # the routing rule's system prompt; None: the model's
 
 

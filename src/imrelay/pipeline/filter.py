@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection
 
 from imrelay.pipeline.context import Drop, TurnContext
 from imrelay.pipeline.media import has_pictures
@@ -69,24 +69,24 @@ class KindStage:
       used up) it is dropped without a notice.
     * ``audio``: passes when the platform recognised speech in it (DingTalk's
       ``recognition``, which is the message's text); otherwise the notice.
-    * ``image``: passes when ``routes`` has an ``image`` model (the media stage downloads it).
+    * ``image``: passes when some routing step names ``image`` (the media stage downloads it,
+      or gives the notice if no such step matched this message).
     * ``rich``: with pictures, like ``image``; without, like ``text``.
-    * ``file`` and ``video``: pass when ``routes`` has a model for their kind (the media stage
+    * ``file`` and ``video``: pass when some routing step names their kind (the media stage
       tells that model what was sent; imrelay does not read the content); otherwise the notice.
     * anything else: the notice.
 
     Args:
         unsupported_notice: sent for a message no model can take.
-        routes: ``routing.by_kind`` (message kind → model name).
+        routes: the kinds some routing step names (``Router.routed_kinds``: ``by_kind`` and
+            the rules' ``kind``); a mapping's keys count.
     """
 
     name = "kind"
 
-    def __init__(
-        self, *, unsupported_notice: str, routes: Mapping[str, str] | None = None
-    ) -> None:
+    def __init__(self, *, unsupported_notice: str, routes: Collection[str] | None = None) -> None:
         self.unsupported_notice = unsupported_notice
-        self.routes = dict(routes or {})
+        self.routes = frozenset(routes or ())
 
     async def __call__(self, ctx: TurnContext) -> TurnContext | Drop:
         msg = ctx.message

@@ -2,10 +2,11 @@
 
 Theory of operation: the stage runs after ``route``, on messages the kind stage let through.
 
-* A picture (``image``), or a ``rich`` message holding pictures, goes to the model named by
-  ``routing.by_kind.image`` (a ``rich`` message with pictures too, whatever ``by_kind.rich``
-  says: only the vision route can see them). Its pictures (at most ``max_images``; later ones
-  are left out) are downloaded through the platform's ``fetch`` and put in
+* A picture (``image``), or a ``rich`` message holding pictures, goes to the model routing
+  picked for kind ``image`` (a rule naming ``image``, else ``by_kind.image``; see
+  :mod:`imrelay.routing.rules`). Routed to ``default`` instead, no model takes it: it gets the
+  unsupported notice. Its pictures (at most ``max_images``; later ones are left out) are
+  downloaded through the platform's ``fetch`` and put in
   :attr:`~imrelay.pipeline.context.TurnContext.user_content` as base64 ``data:`` URLs, in
   message order, between the message's text parts::
 
@@ -16,7 +17,7 @@ Theory of operation: the stage runs after ``route``, on messages the kind stage 
   segments as ``text`` attachments in order; otherwise the text comes first, then the pictures.
   A retryable download failure is tried again ``retries`` times; a failed download, or bytes
   that are not PNG, JPEG, GIF or WebP, end the message as ``failed`` with ``notice``.
-* A ``file`` or ``video`` with a route of its own reaches that model as a note naming what was
+* A ``file`` or ``video`` routed by its kind reaches that model as a note naming what was
   sent (``[file: report.pdf]``, ``[video]``): imrelay does not download or convert them, and the
   model should not pretend to have seen them.
 * Anything else passes unchanged.
@@ -81,8 +82,9 @@ class MediaStage:
     Args:
         fetch: the download function, or one per platform name (a platform missing from the
             mapping cannot download: its pictures fail with ``notice``).
-        routes: ``routing.by_kind`` (message kind → model name).
         notice: sent when pictures cannot be downloaded or read.
+        unsupported_notice: sent for a picture, file or video that routing gave to
+            ``default`` (no model that takes it matched).
         max_images: the most pictures sent with one message.
         retries: how many more times a retryable download failure is tried.
         backoff_s: the wait before the first retry (doubled for each further one).
@@ -95,8 +97,8 @@ class MediaStage:
         self,
         fetch: Fetch | Mapping[str, Fetch],
         *,
-        routes: Mapping[str, str],
         notice: str,
+        unsupported_notice: str = "",
         max_images: int = 4,
         retries: int = 1,
         backoff_s: float = 0.5,
@@ -105,8 +107,8 @@ class MediaStage:
         if max_images < 1:
             raise ValueError("max_images must be at least 1")
         self.fetch = fetch
-        self.routes = dict(routes)
         self.notice = notice
+        self.unsupported_notice = unsupported_notice
         self.max_images = max_images
         self.retries = retries
         self.backoff_s = backoff_s
@@ -119,17 +121,15 @@ class MediaStage:
 
     async def __call__(self, ctx: TurnContext) -> TurnContext | Drop:
         msg = ctx.message
-        if msg.kind in ("file", "video"):
-            if msg.kind in self.routes:
-                ctx.user_content = _describe(msg)
-            return ctx
-        vision = self.routes.get("image")
-        if vision is None or msg.kind not in ("image", "rich"):
-            return ctx
         pictures = [a for a in msg.attachments if a.kind == "image"]
+        if msg.kind not in ("file", "video", "image") and not (msg.kind == "rich" and pictures):
+            return ctx  # text (a rich message without pictures is text)
+        if ctx.route_rule == "default":  # no rule or by_kind names this kind
+            return Drop("unsupported_kind", notice=self.unsupported_notice)
+        if msg.kind in ("file", "video"):
+            ctx.user_content = _describe(msg)
+            return ctx
         if not pictures:
-            if msg.kind == "rich":  # text only: the kind stage let it through as text
-                return ctx
             ctx.log.warning("picture message without a download code")
             return Drop("media_missing", notice=self.notice, failed=True)
         fetch = self._fetcher(msg.platform)
@@ -153,7 +153,6 @@ class MediaStage:
                 return Drop("media_format", notice=self.notice, failed=True)
             urls.append(build_data_url(result, mime))
         ctx.log.debug("%d picture(s) attached, %d left out", len(urls), len(pictures) - len(urls))
-        ctx.model_name = vision
         ctx.user_content = _content_parts(msg, urls)
         return ctx
 

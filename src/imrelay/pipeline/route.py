@@ -65,6 +65,7 @@ class RouteStage:
             departments = await self.departments_of(ctx.message)
         decision = self.router.pick(ctx.message, ctx.message.text, departments=departments)
         ctx.model_name = decision.model
+        ctx.route_rule = decision.rule
         ctx.route_reason = f"{decision.rule}: {decision.reason}"
         ctx.system_prompt = decision.system_prompt
         ctx.log.debug("routed to %s by %s", decision.model, ctx.route_reason)

@@ -17,6 +17,12 @@ Theory of operation: :meth:`Router.pick` tries, in order, and the first that app
    set, else ``by_kind.text``;
 4. **default**: ``routing.default``.
 
+A picture (``image``, or a ``rich`` message holding pictures, which routing sees as ``image``),
+a ``file`` or a ``video`` needs a model that takes it, so only the steps that name its kind
+route it: rules whose ``match.kind`` lists it, then ``by_kind``. Pins and rules without that
+kind leave it alone (they would hand a picture to a text model). Routed to ``default``, it has
+no such model, and the media stage answers it with the unsupported notice.
+
 The decision names the step (``rule``), a sentence for people (``reason``), the canary arm,
 the rule's system prompt and the model's fallback chain. Code detection runs only when the
 configuration can use it (``by_kind.code`` or a rule matching ``kind: code``).
@@ -27,7 +33,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal
 
 from imrelay.config import CanarySettings, RoutingSettings, RuleSettings
 from imrelay.message import InboundMessage
@@ -35,9 +41,13 @@ from imrelay.pipeline.guard import ModelPins, pin_key_for
 from imrelay.routing.canary import CanaryBook, canary_bucket
 from imrelay.routing.code import CodeVerdict, detect_code
 
-__all__ = ["RouteDecision", "Router", "Rule"]
+__all__ = ["MEDIA_KINDS", "RouteDecision", "Router", "Rule"]
 
 CanaryArm = Literal["candidate", "baseline"]
+
+
+MEDIA_KINDS: Final = frozenset({"image", "file", "video"})
+"""Kinds only a model routed to them by name can take (see :meth:`Router.pick`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +201,11 @@ class Router:
         self.canaries = canaries
         self.detect = detect
         self.needs_code = "code" in self.by_kind or any("code" in r.kinds for r in self.rules)
+        self.routed_kinds: frozenset[str] = frozenset(self.by_kind).union(
+            *(r.kinds for r in self.rules)
+        )
+        """The kinds some step routes by name (``by_kind`` or a rule's ``kind``): a picture,
+        file or video has a model only if its kind is one of them."""
 
     @property
     def uses_departments(self) -> bool:
@@ -198,7 +213,10 @@ class Router:
         return any(rule.departments for rule in self.rules)
 
     def kind_of(self, message: InboundMessage, text: str) -> tuple[str, CodeVerdict | None]:
-        """The kind routing uses (``code`` for text with code), and the detector's verdict."""
+        """The kind routing uses (``code`` for text with code, ``image`` for a ``rich``
+        message holding pictures), and the detector's verdict."""
+        if message.kind == "rich" and any(a.kind == "image" for a in message.attachments):
+            return "image", None
         if message.kind != "text" or not self.needs_code:
             return message.kind, None
         verdict = self.detect(text)
@@ -222,11 +240,16 @@ class Router:
         text = message.text if text is None else text
         kind, verdict = self.kind_of(message, text)
         detected = f" ({verdict.reason})" if verdict is not None else ""
-        if self.pins is not None:
+        # a picture, file or video needs a model that takes it: only rules naming its kind,
+        # then by_kind, route one (a pin or a rule without a kind would give it to a text model)
+        media = kind in MEDIA_KINDS
+        if self.pins is not None and not media:
             pinned = self.pins.get(pin_key_for(message))
             if pinned is not None and (self.models is None or pinned in self.models):
                 return self._decide(pinned, "pin", "pinned by an admin with /model", kind)
         for rule in self.rules:
+            if media and kind not in rule.kinds:
+                continue
             matched, why = rule.check(message, text, kind, departments)
             if matched:
                 reason = why + (detected if rule.kinds else "")
