@@ -324,11 +324,11 @@ class Gateway:
                 view=outbound_safety.view,
             ),
             ThinkStage(),
+            outbound_safety,
             FormatStage(
                 markdown={name: p.reply_format == "markdown" for name, p in s.platforms.items()},
                 max_chars={name: p.reply.max_chars for name, p in s.platforms.items()},
             ),
-            outbound_safety,
             SendStage(sender, self.store, keep_turns=s.context.max_turns, clock=self.wall_clock),
         ]
         audit = self.audit

@@ -20,9 +20,10 @@ _FULL_WIDTH = str.maketrans("０１２３４５６７８９", "0123456789")
 
 
 def check_order(gateway: Gateway) -> None:
-    """The safety stages sit where they must: inbound after kind, outbound after format."""
+    """The safety stages sit where they must: inbound after kind, outbound on the whole answer
+    before it is split into parts (DESIGN §1: generate → post-safety → format)."""
     names = [stage.name for stage in gateway.worker.runner.stages]
-    order = ["kind", "safety", "context", "generate", "format", "post_safety", "send"]
+    order = ["kind", "safety", "context", "generate", "post_safety", "format", "send"]
     assert [n for n in names if n in order] == order, names
 
 

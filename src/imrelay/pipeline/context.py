@@ -46,6 +46,7 @@ class TurnContext:
     prompt: list[ChatMessage] = field(default_factory=list)
     generation: Generation | None = None
     answer: str = ""
+    shown_answer: str | None = None  # what the asker sees, when it differs (PII restored)
     replies: list[OutboundReply] = field(default_factory=list)
     remember: bool = True  # whether the exchange goes into the conversation's history
     resumed: bool = False  # picked up again after a restart: some parts may have gone out

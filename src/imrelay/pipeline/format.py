@@ -47,7 +47,8 @@ class FormatStage:
         self.max_chars = max_chars or {}
 
     async def __call__(self, ctx: TurnContext) -> TurnContext | Drop:
-        text = ctx.answer.strip() or EMPTY_ANSWER
+        answer = ctx.answer if ctx.shown_answer is None else ctx.shown_answer
+        text = answer.strip() or EMPTY_ANSWER
         platform = ctx.message.platform
         md = self.markdown.get(platform, True)
         limit = self.max_chars.get(platform)

@@ -9,14 +9,15 @@ copy carrying the masked texts (the message itself stays frozen), so every later
 budget, prompt, the history written by the send stage) sees only masked text. ``raw`` is left
 as the platform sent it.
 
-:class:`OutboundSafetyStage` (``post_safety``) runs AFTER the format stage: it scans the model's
-answer; a ``withhold`` category replaces the whole reply with the withhold notice, ``mask``
-categories are masked in the answer and in every reply part. In reversible mode it then restores
-the user's own values (``<PHONE_1>`` → the number) in the reply parts only: ``ctx.answer``
-keeps the placeholders, so the history the send stage stores, and the next prompt, never hold
-the values. An answer streamed while it was generated has been seen before this stage runs; the
-streaming path should pass each snapshot through :meth:`OutboundSafetyStage.view`, and the stage
-still masks what is stored.
+:class:`OutboundSafetyStage` (``post_safety``) runs on the whole answer BEFORE the format
+stage, so a term or a placeholder is never cut in two by a split and restored values count
+toward each part's length: a ``withhold`` category replaces the answer with the withhold notice,
+``mask`` categories are masked in it. In reversible mode it then restores the user's own values
+(``<PHONE_1>`` → the number) into ``ctx.shown_answer``, which the format stage splits into the
+reply parts: ``ctx.answer`` keeps the placeholders, so the history the send stage stores, and
+the next prompt, never hold the values. An answer streamed while it was generated has been seen
+before this stage runs; the streaming path passes each snapshot through
+:meth:`OutboundSafetyStage.view`, and the stage still masks what is stored.
 
 Vaults (placeholder → value, a plain ``dict``) are kept per conversation AND sender
 (:func:`vault_key`), so a value is only ever restored in a reply to the person who wrote it.
@@ -30,10 +31,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
-from imrelay.message import InboundMessage, OutboundReply
+from imrelay.message import InboundMessage
 from imrelay.observability.metrics import Metrics
 from imrelay.pipeline.context import Drop, TurnContext
-from imrelay.pipeline.format import title_of
 from imrelay.security.pii import PIIMasker, Vault, restore
 from imrelay.security.words import Match, WordFilter
 
@@ -248,10 +248,12 @@ class OutboundSafetyStage:
     async def __call__(self, ctx: TurnContext) -> TurnContext | Drop:
         if self.words is not None:
             self._filter(ctx, self.words)
-        if self.vaults is not None and ctx.replies:
+        if self.vaults is not None:
             vault = await self.vaults.load_vault(vault_key(ctx.message))
             if vault:
-                ctx.replies = [_rewrite(r, restore(r.text, vault)) for r in ctx.replies]
+                shown = restore(ctx.answer, vault)
+                if shown != ctx.answer:
+                    ctx.shown_answer = shown
         return ctx
 
     def _filter(self, ctx: TurnContext, words: WordFilter) -> None:
@@ -265,12 +267,9 @@ class OutboundSafetyStage:
         withheld = sorted(c for c, a in actions.items() if a.outbound == "withhold")
         if withheld:
             ctx.log.warning("answer withheld: sensitive words of %s", ", ".join(withheld))
-            notice = words.settings.withhold_notice
-            ctx.answer = notice
-            ctx.replies = [_rewrite(ctx.replies[0], notice)] if ctx.replies else []
+            ctx.answer = words.settings.withhold_notice
             return
         ctx.answer = words.mask(ctx.answer, matches)
-        ctx.replies = [_rewrite(r, words.mask(r.text, words.scan(r.text))) for r in ctx.replies]
 
     async def view(self, ctx: TurnContext, text: str) -> str:
         """What the asker may see of ``text``: a whole answer or a prefix being streamed.
@@ -288,12 +287,6 @@ class OutboundSafetyStage:
         if self.vaults is not None:
             text = restore(text, await self.vaults.load_vault(vault_key(ctx.message)))
         return text
-
-
-def _rewrite(reply: OutboundReply, text: str) -> OutboundReply:
-    if text == reply.text:
-        return reply
-    return dataclasses.replace(reply, text=text, title=title_of(text) if reply.title else "")
 
 
 def build_safety_stages(
