@@ -161,6 +161,7 @@ class _Harness:
         max_concurrency: int = 64,
         max_pending: int = 10000,
         max_attempts: int = 3,
+        lag_target_s: float = 0.0,
         on_accepted: Callable[[InboundMessage], None] | None = None,
     ) -> None:
         self.store = store
@@ -199,6 +200,7 @@ class _Harness:
             max_concurrency=max_concurrency,
             max_pending=max_pending,
             max_attempts=max_attempts,
+            lag_target_s=lag_target_s,
             on_accepted=on_accepted,
         )
 
@@ -290,6 +292,22 @@ async def test_worker_respects_max_concurrency(harness: HarnessFactory) -> None:
     assert h.backend.calls == 8
     assert h.gauge("imrelay_messages_inflight") == 0
     assert h.gauge("imrelay_inbox_depth") == 0
+
+
+async def test_worker_exports_its_concurrency_limit_and_the_loop_lag(
+    harness: HarnessFactory,
+) -> None:
+    """The limit's gauges read the worker's limit; start() probes the loop, aclose() stops."""
+    h = harness(max_concurrency=3, lag_target_s=0.002)
+    assert h.gauge("imrelay_pipeline_concurrency_limit") == 3
+    assert h.gauge("imrelay_event_loop_lag_seconds") == 0
+    h.worker.start()
+    await asyncio.sleep(0.02)
+    time.sleep(0.03)  # block the loop past the next probe
+    await until(lambda: h.gauge("imrelay_event_loop_lag_seconds") > 0.01, "a lagging probe")
+    await h.worker.aclose()
+    assert h.gauge("imrelay_event_loop_lag_seconds") == 0
+    assert h.gauge("imrelay_pipeline_concurrency_limit") == 3
 
 
 async def test_worker_wait_capacity_blocks_at_max_pending(harness: HarnessFactory) -> None:

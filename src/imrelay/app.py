@@ -89,6 +89,7 @@ _RESTART_ONLY = (
     "pipeline.max_concurrency",
     "pipeline.max_pending",
     "pipeline.max_attempts",
+    "pipeline.loop_lag_target_ms",
 )
 
 
@@ -194,6 +195,7 @@ class Gateway:
         self.platforms = build_platforms(s, self.http, self.metrics, self.client)
         self.worker = self._build_worker()
         await self.worker.resume()
+        self.worker.start()
         self.canaries = CanaryController(
             s.routing, self.canary_book, self.metrics, audit=self.audit, clock=self.wall_clock
         )
@@ -262,6 +264,7 @@ class Gateway:
             max_concurrency=s.pipeline.max_concurrency,
             max_pending=s.pipeline.max_pending,
             max_attempts=s.pipeline.max_attempts,
+            lag_target_s=s.pipeline.loop_lag_target_ms / 1000,
             wall_clock=self.wall_clock,
         )
 

@@ -7,7 +7,8 @@ for the caller that resolves when the commit is done (``True``: new, ``False``: 
 commit's exception if it failed). The caller may stop waiting (cancel its future) without
 affecting the worker, which only ever waits on its own commit task. One drain task per
 conversation with queued entries takes them in order: it waits for the entry's commit, then runs
-the pipeline under the global concurrency semaphore. So one conversation is strictly sequential
+the pipeline under the global concurrency limit (:class:`~imrelay.concurrency.AdaptiveLimit`:
+``max_concurrency``, lowered while the event loop lags). So one conversation is strictly sequential
 while many conversations run at once.
 
 ``pending`` counts entries offered and not finished. When it reaches ``max_pending``,
@@ -33,6 +34,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from imrelay.concurrency import AdaptiveLimit
 from imrelay.message import ConversationKey, InboundMessage
 from imrelay.observability.metrics import Metrics
 from imrelay.pipeline.runner import Runner
@@ -73,6 +75,7 @@ class Worker:
         max_concurrency: int = 64,
         max_pending: int = 10000,
         max_attempts: int = 3,
+        lag_target_s: float = 0.0,
         on_accepted: Callable[[InboundMessage], None] | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -81,7 +84,7 @@ class Worker:
         self.metrics = metrics
         self.max_pending = max_pending
         self.max_attempts = max_attempts
-        self._semaphore = asyncio.Semaphore(max_concurrency)
+        self.limit = AdaptiveLimit(max_concurrency, lag_target_s=lag_target_s)
         self._lanes: dict[ConversationKey, _Lane] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending = 0
@@ -96,6 +99,8 @@ class Worker:
         # read at scrape time: no gauge writes (each takes a lock) per message
         metrics.inbox_depth.set_function(lambda: self._pending)
         metrics.inflight.set_function(lambda: self._inflight)
+        metrics.concurrency_limit.set_function(lambda: self.limit.limit)
+        metrics.loop_lag.set_function(lambda: self.limit.lag_s)
 
     @property
     def pending(self) -> int:
@@ -187,8 +192,13 @@ class Worker:
         await self.aclose()
         return done
 
+    def start(self) -> None:
+        """Begin adapting the concurrency limit to the event loop's lag (see ``concurrency``)."""
+        self.limit.start()
+
     async def aclose(self) -> None:
-        """Cancel every task the worker owns."""
+        """Stop adapting the limit and cancel every task the worker owns."""
+        self.limit.stop()
         tasks = [t for t in self._tasks if not t.done()]
         for task in tasks:
             task.cancel()
@@ -245,7 +255,7 @@ class Worker:
                     except Exception:  # the commit failed: not ACKed, so redelivered later
                         new = False
                     if new:
-                        async with self._semaphore:
+                        async with self.limit:
                             self._inflight += 1
                             try:
                                 await self.runner.handle(entry.message, resumed=entry.resumed)

@@ -39,6 +39,7 @@ async def test_reload_keeps_restart_only_settings_and_closes_retired_models_at_s
         pipeline__drain_timeout_s=600,
         pipeline__max_concurrency=3,
         pipeline__max_attempts=9,
+        pipeline__loop_lag_target_ms=0,
         pipeline__help_text="help v2",
         security__audit__url=f"sqlite:///{tmp_path / 'other-audit.db'}",
     )
@@ -58,8 +59,9 @@ async def test_reload_keeps_restart_only_settings_and_closes_retired_models_at_s
             answer = await gateway.reload()
         assert answer == (
             "configuration reloaded (security.audit, pipeline.max_concurrency,"
-            " pipeline.max_attempts at the next start)"
+            " pipeline.max_attempts, pipeline.loop_lag_target_ms at the next start)"
         )
+        assert gateway.worker.limit.lag_target_s == first.pipeline.loop_lag_target_ms / 1000 > 0
         s = gateway.settings
         assert (s.pipeline.max_concurrency, s.pipeline.max_attempts) == (
             first.pipeline.max_concurrency,

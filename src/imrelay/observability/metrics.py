@@ -181,6 +181,17 @@ class Metrics:
             "Messages accepted but not finished yet (queued and in flight).",
             registry=r,
         )
+        self.concurrency_limit = Gauge(
+            "imrelay_pipeline_concurrency_limit",
+            "Messages the worker may process at once now: pipeline.max_concurrency, lowered "
+            "while the event loop lags (pipeline.loop_lag_target_ms).",
+            registry=r,
+        )
+        self.loop_lag = Gauge(
+            "imrelay_event_loop_lag_seconds",
+            "How late the event loop ran the worker's last lag probe (0 with the probe off).",
+            registry=r,
+        )
         # the worker makes this a callback (Gauge.set_function), computed at scrape time
         self.inbox_oldest_age = Gauge(
             "imrelay_inbox_oldest_age_seconds",
