@@ -356,3 +356,69 @@ async def test_sqlite_purge_larger_than_one_batch(
         assert counts[MessageState.RECEIVED] == 1
     assert raw_query(tmp_path / "imrelay.db", "SELECT COUNT(*) FROM sent") == [(0,)]
     assert raw_query(tmp_path / "imrelay.db", "SELECT COUNT(*) FROM dedup") == [(0,)]
+
+
+_HOLDER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from imrelay.stores import SQLiteStore
+
+    async def main():
+        async with SQLiteStore(sys.argv[1]):
+            print("open", flush=True)
+            await asyncio.sleep(60)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_sqlite_file_held_by_another_process_is_refused_until_it_dies(
+    tmp_path: Path, make_message: Any
+) -> None:
+    """Two gateways on one inbox would answer each other's resumed messages twice."""
+    path = tmp_path / "imrelay.db"
+    async with SQLiteStore(path) as store:
+        await store.put(make_message("m1"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "open"
+        refused = SQLiteStore(path)
+        with pytest.raises(StoreError, match="in use by another process") as info:
+            await refused.open()
+        assert "one gateway per database file" in str(info.value)
+        with pytest.raises(StoreError, match="not open"):
+            await refused.put(make_message("m2"))
+        os.kill(holder.pid, signal.SIGKILL)  # the kernel releases a dead process's lock
+        holder.wait(timeout=10)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=10)
+        for stream in (holder.stdout, holder.stderr):
+            if stream is not None:
+                stream.close()
+    async with SQLiteStore(path) as store:
+        assert [r.message.message_id for r in await store.pending()] == ["m1"]
+
+
+async def test_sqlite_file_is_held_per_store_and_released_by_aclose(tmp_path: Path) -> None:
+    path = tmp_path / "imrelay.db"
+    first = SQLiteStore(path)
+    await first.open()
+    try:
+        with pytest.raises(StoreError, match="already open"):
+            await first.open()
+        with pytest.raises(StoreError, match="in use"):  # the failed open() kept the lock
+            await SQLiteStore(path).open()
+    finally:
+        await first.aclose()
+    async with SQLiteStore(path):
+        pass
+    assert (tmp_path / "imrelay.db.lock").exists()

@@ -21,6 +21,12 @@ OOM) loses nothing; only an OS crash or power loss may lose the last few commits
 fsynced at the next checkpoint (at most about a second later while writes happen). ``FULL``
 would fsync every commit for that last guarantee.
 
+One gateway per file: :meth:`SQLiteStore.open` takes an exclusive lock on ``<path>.lock``
+(``flock``, released when the store closes or the process dies, ``kill -9`` included) and
+refuses to open a file another process holds. Two gateways on one inbox would each resume the
+other's unfinished messages at start and answer them twice, and their writers would wait on
+each other's locks inside the event loop (SQLite's busy handler sleeps).
+
 Dedup keys (``message_id`` plus ``dedup_keys``, per platform) are stamped with the store clock
 when the message is accepted and count for ``dedup_ttl_s`` seconds. A key older than that no
 longer blocks a message, except that a message still pending is never stored twice.
@@ -28,10 +34,12 @@ longer blocks a message, except that a message still pending is never stored twi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -92,6 +100,9 @@ CREATE TABLE IF NOT EXISTS context (
 CREATE INDEX IF NOT EXISTS context_by_key ON context (key, id);
 """
 
+if sys.platform != "win32":
+    import fcntl
+
 _T = TypeVar("_T")
 _Op = Callable[[sqlite3.Connection], Any]
 _Row = tuple[Any, ...]
@@ -138,6 +149,34 @@ def _execute(conn: sqlite3.Connection, ops: list[_Op]) -> list[Outcome]:
     return results
 
 
+def _lock(path: str) -> int | None:
+    """Lock ``<path>.lock`` for this process; its descriptor (``None`` where flock is missing).
+
+    Raises:
+        StoreError: another process holds the lock, or the lock file cannot be created.
+    """
+    if sys.platform == "win32":
+        return None
+    lock_path = path + ".lock"
+    try:
+        Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot create the lock file {lock_path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreError(
+            f"{path} is in use by another process (it holds {lock_path}); "
+            "run one gateway per database file"
+        ) from None
+    with contextlib.suppress(OSError):  # only informative: who holds it
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 def _isolated(conn: sqlite3.Connection, op: _Op) -> Outcome:
     conn.execute("SAVEPOINT op")
     try:
@@ -169,6 +208,7 @@ class SQLiteStore:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = os.fspath(path)
+        self._lock_fd: int | None = None
         self._ttl = dedup_ttl_s
         self._clock = clock
         self._writer: GroupWriter[_Op, Any] = GroupWriter(
@@ -197,9 +237,18 @@ class SQLiteStore:
         """Create the file, its parent directories and the schema; start the writer.
 
         Raises:
-            StoreError: the store was opened before, or the database cannot be used.
+            StoreError: the store was opened before, another process holds the file, or the
+                database cannot be used.
         """
-        await self._writer.open()
+        took = None
+        if self.path != ":memory:" and self._lock_fd is None and not self._writer.closed:
+            took = self._lock_fd = _lock(self.path)
+        try:
+            await self._writer.open()
+        except BaseException:
+            if took is not None:  # not a lock an earlier open() holds
+                self._unlock()
+            raise
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -236,7 +285,15 @@ class SQLiteStore:
 
     async def aclose(self) -> None:
         """Commit every queued write, then close the database. Safe to call twice."""
-        await self._writer.aclose()
+        try:
+            await self._writer.aclose()
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the lock
 
     async def _write(self, op: Callable[[sqlite3.Connection], _T]) -> _T:
         result: _T = await self._writer.submit(op)
