@@ -422,3 +422,79 @@ async def test_sqlite_file_is_held_per_store_and_released_by_aclose(tmp_path: Pa
     async with SQLiteStore(path):
         pass
     assert (tmp_path / "imrelay.db.lock").exists()
+
+
+def context_rows(path: Path, key: str) -> list[str]:
+    return [row[0] for row in raw_query(path, f"SELECT content FROM context WHERE key = '{key}'")]
+
+
+def said(i: int, at: float | None = None) -> ContextTurn:
+    return ContextTurn("user", f"turn {i}", float(i) if at is None else at)
+
+
+async def test_sqlite_context_file_matches_what_loads_through_the_cache(tmp_path: Path) -> None:
+    """The file is trimmed to ``keep`` although appends skip the trim while they fit."""
+    path = tmp_path / "imrelay.db"
+    async with SQLiteStore(path) as store:
+        assert await store.load("k", since=0) == []  # now cached, and known empty
+        for i in range(0, 10, 2):
+            await store.append("k", [said(i), said(i + 1)], keep=5)
+            assert [t.content for t in await store.load("k", since=0)] == context_rows(path, "k")
+        assert context_rows(path, "k") == [f"turn {i}" for i in range(5, 10)]
+        assert [t.at for t in await store.load("k", since=7)] == [7.0, 8.0, 9.0]
+        await store.clear("k")
+        assert await store.load("k", since=0) == [] == context_rows(path, "k")
+    async with SQLiteStore(path) as reopened:
+        assert await reopened.load("k", since=0) == []
+
+
+async def test_sqlite_context_cache_is_bounded_and_rereads_an_evicted_key(tmp_path: Path) -> None:
+    path = tmp_path / "imrelay.db"
+    async with SQLiteStore(path, context_cache_keys=2) as store:
+        for key in ("a", "b"):
+            await store.append(key, [said(1)], keep=5)
+            await store.load(key, since=0)
+        outside = sqlite3.connect(path)  # a row the store did not write: visible only on a read
+        try:
+            with outside:
+                outside.execute(
+                    "INSERT INTO context (key, role, content, at) VALUES ('a', 'user', 'x', 2.0)"
+                )
+        finally:
+            outside.close()
+        assert [t.content for t in await store.load("a", since=0)] == ["turn 1"]  # cached
+        await store.load("c", since=0)
+        await store.load("b", since=0)  # "a" is now the least recently used of three
+        await store.load("d", since=0)
+        assert [t.content for t in await store.load("a", since=0)] == ["turn 1", "x"]
+
+
+async def test_sqlite_context_failed_append_leaves_cache_and_file_agreeing(tmp_path: Path) -> None:
+    path = tmp_path / "imrelay.db"
+    async with SQLiteStore(path) as store:
+        await store.append("k", [said(1)], keep=5)
+        await store.load("k", since=0)
+        broken = ContextTurn("user", object(), 2.0)  # type: ignore[arg-type]  # sqlite refuses it
+        with pytest.raises(StoreError):
+            await store.append("k", [said(2), broken], keep=5)
+        assert [t.content for t in await store.load("k", since=0)] == ["turn 1"]
+        assert context_rows(path, "k") == ["turn 1"]
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "not-cached"])
+async def test_sqlite_context_load_during_an_append_in_flight(
+    tmp_path: Path, cached: bool
+) -> None:
+    """A load while an append waits for its commit sees the committed turns, and the next
+    load after the commit sees the new ones, whether the key was cached or not."""
+    path = tmp_path / "imrelay.db"
+    async with SQLiteStore(path, commit_interval_ms=200) as store:
+        await store.append("k", [said(1)], keep=5)
+        if cached:
+            await store.load("k", since=0)
+        pending = asyncio.create_task(store.append("k", [said(2)], keep=5))
+        await asyncio.sleep(0.02)
+        assert not pending.done()
+        assert [t.content for t in await store.load("k", since=0)] == ["turn 1"]
+        await pending
+        assert [t.content for t in await store.load("k", since=0)] == ["turn 1", "turn 2"]

@@ -27,6 +27,12 @@ refuses to open a file another process holds. Two gateways on one inbox would ea
 other's unfinished messages at start and answer them twice, and their writers would wait on
 each other's locks inside the event loop (SQLite's busy handler sleeps).
 
+Context: the turns of the most recently used keys (``context_cache_keys``, 1,024) are kept in
+memory as well, each list exactly the rows of its key, so a load is a read of the file only
+for a key not used lately, and an append deletes old rows only when the key holds more than
+``keep``. The lock above is what makes this safe: no other process writes the file. The list
+is updated once the append committed, and dropped when a write's outcome is unknown.
+
 Dedup keys (``message_id`` plus ``dedup_keys``, per platform) are stamped with the store clock
 when the message is accepted and count for ``dedup_ttl_s`` seconds. A key older than that no
 longer blocks a message, except that a message still pending is never stored twice.
@@ -41,6 +47,7 @@ import os
 import sqlite3
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -196,6 +203,8 @@ class SQLiteStore:
         path: the database file; parent directories are created by :meth:`open`.
         commit_interval_ms: how long a lone write waits for others to share its commit.
         dedup_ttl_s: how long a dedup key blocks redeliveries.
+        context_cache_keys: how many contexts (the most recently used) are kept in memory as
+            well, so loading one does not read the file (see the module docstring).
         clock: epoch seconds; stamps arrival and dedup times.
     """
 
@@ -205,10 +214,13 @@ class SQLiteStore:
         *,
         commit_interval_ms: float = 2.0,
         dedup_ttl_s: float = 86400.0,
+        context_cache_keys: int = 1024,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = os.fspath(path)
         self._lock_fd: int | None = None
+        self._context: OrderedDict[str, list[ContextTurn]] = OrderedDict()
+        self._context_keys = context_cache_keys
         self._ttl = dedup_ttl_s
         self._clock = clock
         self._writer: GroupWriter[_Op, Any] = GroupWriter(
@@ -508,20 +520,23 @@ class SQLiteStore:
     # -- ContextStore ----------------------------------------------------------------------
 
     async def load(self, key: str, since: float) -> list[ContextTurn]:
-        """The turns of ``key`` written at or after ``since``, oldest first."""
-        rows = await self._read(
-            lambda conn: conn.execute(
-                "SELECT role, content, at, message_id FROM context"
-                " WHERE key = ? AND at >= ? ORDER BY id",
-                (key, since),
-            ).fetchall()
-        )
-        return [
-            ContextTurn(role, content, at, message_id) for role, content, at, message_id in rows
-        ]
+        """The turns of ``key`` stamped at or after ``since``, oldest first."""
+        turns = self._context.get(key)
+        if turns is not None:
+            self._context.move_to_end(key)
+        else:
+            rows = await self._read(
+                lambda conn: conn.execute(
+                    "SELECT role, content, at, message_id FROM context WHERE key = ? ORDER BY id",
+                    (key,),
+                ).fetchall()
+            )
+            turns = [ContextTurn(role, content, at, mid) for role, content, at, mid in rows]
+            self._remember(key, turns)
+        return [t for t in turns if t.at >= since]
 
     async def append(self, key: str, turns: Sequence[ContextTurn], keep: int) -> None:
-        """Append ``turns`` to ``key`` and keep only the newest ``keep`` turns.
+        """Add ``turns`` to ``key`` and keep only its newest ``keep`` turns.
 
         Raises:
             ValueError: ``keep`` is negative.
@@ -529,23 +544,48 @@ class SQLiteStore:
         if keep < 0:
             raise ValueError("keep must be >= 0")
         rows = [(key, t.role, t.content, t.at, t.message_id) for t in turns]
+        known = self._context.get(key)
+        # the cached list is every row of the key: when the new ones still fit, nothing to trim
+        trim = known is None or len(known) + len(rows) > keep
 
         def op(conn: sqlite3.Connection) -> None:
             conn.executemany(
                 "INSERT INTO context (key, role, content, at, message_id) VALUES (?, ?, ?, ?, ?)",
                 rows,
             )
-            conn.execute(
-                "DELETE FROM context WHERE key = ? AND id NOT IN"
-                " (SELECT id FROM context WHERE key = ? ORDER BY id DESC LIMIT ?)",
-                (key, key, keep),
-            )
+            if trim:
+                conn.execute(
+                    "DELETE FROM context WHERE key = ? AND id NOT IN"
+                    " (SELECT id FROM context WHERE key = ? ORDER BY id DESC LIMIT ?)",
+                    (key, key, keep),
+                )
 
-        await self._write(op)
+        try:
+            await self._write(op)
+        except BaseException:
+            self._context.pop(key, None)  # whether it committed is unknown: read it again
+            raise
+        cached = self._context.get(key)
+        if cached is not None and cached is known:
+            cached.extend(turns)
+            if len(cached) > keep:
+                del cached[: len(cached) - keep]
+        else:  # a list read while this append was in flight lacks its turns
+            self._context.pop(key, None)
 
     async def clear(self, key: str) -> None:
-        """Forget the history of ``key``."""
-        await self._write(lambda conn: conn.execute("DELETE FROM context WHERE key = ?", (key,)))
+        """Forget every turn of ``key``."""
+        try:
+            await self._write(
+                lambda conn: conn.execute("DELETE FROM context WHERE key = ?", (key,))
+            )
+        finally:
+            self._context.pop(key, None)
+
+    def _remember(self, key: str, turns: list[ContextTurn]) -> None:
+        self._context[key] = turns
+        if len(self._context) > self._context_keys:
+            self._context.popitem(last=False)
 
 
 def _mark_unreadable(seq: int) -> Callable[[sqlite3.Connection], None]:
