@@ -68,7 +68,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final
 
-from imrelay import __version__
+from imrelay import __version__, _json
 from imrelay.config import OpenAIModelSettings
 from imrelay.errors import ModelError, ModelResponseError, ModelTimeout, ModelUnavailable
 from imrelay.http import HTTPClient, HTTPError, HTTPStatusError, Response
@@ -98,7 +98,6 @@ _TRANSLATABLE: Final = (OSError, ValueError)
 _SHAPE_ERRORS: Final = (AttributeError, TypeError, KeyError, IndexError, ValueError)
 _UNAVAILABLE_STATUS: Final = frozenset({429, 502, 503, 504})
 _BOM: Final = b"\xef\xbb\xbf"
-_JSON_DECODER: Final = json.JSONDecoder()
 
 
 class _SSEDecoder:
@@ -212,13 +211,12 @@ def _error_detail(body: Any) -> str | None:
 
 
 def _loads(raw: bytes) -> Any:
-    # json.loads(bytes) first guesses the encoding in Python; the body is UTF-8 (SSE always is).
-    return _JSON_DECODER.decode(raw.decode())
+    return _json.loads(raw)
 
 
 def _encode(body: Mapping[str, Any]) -> bytes:
     try:
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        return _json.dumpb(body)
     except UnicodeEncodeError:  # a lone surrogate (e.g. from a "\ud83d" escape): send it escaped
         return json.dumps(body, separators=(",", ":")).encode()
 

@@ -41,7 +41,6 @@ longer blocks a message, except that a message still pending is never stored twi
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sqlite3
@@ -52,6 +51,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from imrelay import _json
 from imrelay.errors import StoreError
 from imrelay.message import InboundMessage
 from imrelay.stores._writer import GroupWriter, Outcome
@@ -117,7 +117,7 @@ _Row = tuple[Any, ...]
 
 def _encode(message: InboundMessage) -> str:
     try:
-        return json.dumps(message.to_dict(), ensure_ascii=False, separators=(",", ":"))
+        return _json.dumps(message.to_dict())
     except (TypeError, ValueError) as exc:
         raise StoreError(f"message is not json-serialisable: {exc}") from exc
 
@@ -126,7 +126,7 @@ def _decode(row: _Row) -> InboxRecord:
     """Build a record from ``(seq, body, state, attempts, reason)``; raises ``ValueError``."""
     seq, body, state, attempts, reason = row
     try:
-        message = InboundMessage.from_dict(json.loads(body))
+        message = InboundMessage.from_dict(_json.loads(body))
         return InboxRecord(int(seq), message, MessageState(state), int(attempts), str(reason))
     except (TypeError, AttributeError, KeyError) as exc:
         raise ValueError(f"unreadable record: {type(exc).__name__}") from exc

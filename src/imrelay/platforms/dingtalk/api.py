@@ -16,7 +16,6 @@ logs or exception messages.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -25,7 +24,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from imrelay import __version__
+from imrelay import __version__, _json
 from imrelay.errors import PlatformAPIError, RateLimited
 from imrelay.http import HTTPClient, HTTPError
 from imrelay.platforms.dingtalk.errors import DingTalkTokenInvalid, error_from_response
@@ -130,7 +129,7 @@ class DingTalkAPI:
             "User-Agent": self.user_agent,
             **(extra_headers or {}),
         }
-        data = json.dumps(body, ensure_ascii=False).encode() if body is not None else None
+        data = _json.dumpb(body) if body is not None else None
         try:
             if self._client is not None:
                 async with asyncio.timeout(self.timeout_s):
@@ -162,7 +161,7 @@ class DingTalkAPI:
                 f"{what} failed: {type(exc).__name__}", platform=self.platform, retryable=True
             ) from exc
         try:
-            parsed: Any = json.loads(raw)
+            parsed: Any = _json.loads(raw)
         except (ValueError, RecursionError):
             parsed = None
         logger.debug("%s answered http %d (%d bytes)", what, status, len(raw))

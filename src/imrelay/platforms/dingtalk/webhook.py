@@ -41,7 +41,6 @@ import asyncio
 import hashlib
 import heapq
 import ipaddress
-import json
 import logging
 import secrets
 import string
@@ -51,6 +50,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from imrelay import _json
 from imrelay.config import DingTalkSettings
 from imrelay.errors import ProtocolError, SignatureError
 from imrelay.observability.metrics import Metrics
@@ -351,7 +351,7 @@ class DingTalkWebhook:
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
-        value = json.loads(body)
+        value = _json.loads(body)
     except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
