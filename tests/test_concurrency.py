@@ -105,6 +105,8 @@ def test_invalid_settings_are_refused() -> None:
         AdaptiveLimit(4, lag_target_s=-1)
     with pytest.raises(ValueError, match="interval_s"):
         AdaptiveLimit(4, interval_s=0.1, window_s=0.05)
+    with pytest.raises(ValueError, match="core_share"):
+        AdaptiveLimit(4, core_share=0)
 
 
 # -- the controller (one window at a time) --------------------------------------------------
@@ -164,6 +166,17 @@ async def test_lag_of_an_idle_process_is_not_ours_and_does_not_cut() -> None:
     assert limit.limit == 256
 
 
+async def test_under_a_cpu_quota_saturation_is_measured_against_the_quota() -> None:
+    """A container with half a core is saturated at half a core: its lag is its own."""
+    limit = AdaptiveLimit(256, lag_target_s=0.002, core_share=0.5)
+    for _ in range(100):
+        await limit.acquire()
+    limit.observe(0.010, busy=0.4)  # well below its half core: not saturated
+    assert limit.limit == 256
+    limit.observe(0.010, busy=0.48)
+    assert limit.limit == 50
+
+
 async def test_the_limit_climbs_back_to_the_ceiling_and_wakes_waiters() -> None:
     limit = await busy_limit(64, 40)
     limit.observe(0.010, busy=1.0)
@@ -211,7 +224,9 @@ async def test_without_a_target_the_probe_does_not_run() -> None:
 
 async def test_a_saturated_loop_lowers_the_limit_and_an_idle_one_restores_it() -> None:
     """32 tasks each burn 2 ms of CPU per loop turn: the loop lags ~64 ms a turn, then less."""
-    limit = AdaptiveLimit(32, lag_target_s=0.002, floor=2)
+    # core_share 0.5: the burners count as saturating at half a core, so a busy CI host
+    # that takes some of this core from the test does not keep the limit up
+    limit = AdaptiveLimit(32, lag_target_s=0.002, floor=2, core_share=0.5)
     limit.start()
     stop = asyncio.Event()
 

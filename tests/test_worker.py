@@ -298,16 +298,20 @@ async def test_worker_exports_its_concurrency_limit_and_the_loop_lag(
     harness: HarnessFactory,
 ) -> None:
     """The limit's gauges read the worker's limit; start() probes the loop, aclose() stops."""
-    h = harness(max_concurrency=3, lag_target_s=0.002)
-    assert h.gauge("imrelay_pipeline_concurrency_limit") == 3
+    h = harness(max_concurrency=16, lag_target_s=0.002)
+    assert h.gauge("imrelay_pipeline_concurrency_limit") == 16
     assert h.gauge("imrelay_event_loop_lag_seconds") == 0
     h.worker.start()
     await asyncio.sleep(0.02)
     time.sleep(0.03)  # block the loop past the next probe
     await until(lambda: h.gauge("imrelay_event_loop_lag_seconds") > 0.01, "a lagging probe")
+    for _ in range(16):
+        await h.worker.limit.acquire()
+    h.worker.limit.observe(0.010, busy=1.0)  # a window of a saturated, lagging loop
+    assert h.gauge("imrelay_pipeline_concurrency_limit") == 8
     await h.worker.aclose()
     assert h.gauge("imrelay_event_loop_lag_seconds") == 0
-    assert h.gauge("imrelay_pipeline_concurrency_limit") == 3
+    assert h.gauge("imrelay_pipeline_concurrency_limit") == 16  # back to the ceiling
 
 
 async def test_worker_wait_capacity_blocks_at_max_pending(harness: HarnessFactory) -> None:

@@ -31,7 +31,7 @@ from imrelay.errors import AuthError, ConfigError, StoreError
 from imrelay.http import HTTPClient
 from imrelay.models import FallbackChain, build_model
 from imrelay.models.base import ModelBackend
-from imrelay.observability.metrics import Metrics
+from imrelay.observability.metrics import Metrics, read_process_limits
 from imrelay.pipeline.command import CommandStage
 from imrelay.pipeline.context import Stage, TurnContext
 from imrelay.pipeline.filter import AccessStage, DedupStage, KindStage
@@ -265,6 +265,8 @@ class Gateway:
             max_pending=s.pipeline.max_pending,
             max_attempts=s.pipeline.max_attempts,
             lag_target_s=s.pipeline.loop_lag_target_ms / 1000,
+            # one event loop uses at most one core: less when the container's quota is less
+            core_share=min(1.0, max(read_process_limits().cpu_cores, 0.01)),
             wall_clock=self.wall_clock,
         )
 

@@ -13,12 +13,13 @@ has room.
 (50 ms) the mean lag of the window and the process's CPU share over it (CPU time over wall
 time) decide:
 
-* lag above ``lag_target_s`` while the process used at least 90 % of a core (the lag is its own,
+* lag above ``lag_target_s`` while the process used at least 90 % of what it may use
+  (``core_share``: one core, or its CPU quota when that is less; then the lag is its own,
   not another process's or the host's): the limit drops to the messages in flight times
   ``lag_target_s / lag``, between a half and three quarters, never below ``floor``; and not
   again until the messages in flight have come down to the limit (a cut takes effect as
   pipelines finish, and cutting again before that would overshoot);
-* the process below 90 % of a core, or the lag at most half the target: the limit rises by an
+* the process below that, or the lag at most half the target: the limit rises by an
   eighth (at least one), up to ``ceiling``.
 
 Messages waiting for a slot are served in arrival order. A pipeline already running is never
@@ -46,7 +47,7 @@ __all__ = ["AdaptiveLimit"]
 
 _DECREASE: Final = 0.75
 _MIN_FACTOR: Final = 0.5
-_BUSY: Final = 0.9  # the process's share of a core over a window above which lag is its own
+_BUSY: Final = 0.9  # share of its CPU (core_share) the process used for its lag to be its own
 
 
 class AdaptiveLimit:
@@ -65,17 +66,21 @@ class AdaptiveLimit:
         floor: int = 4,
         interval_s: float = 0.01,
         window_s: float = 0.05,
+        core_share: float = 1.0,
         cpu_clock: Callable[[], float] = time.process_time,
     ) -> None:
         if ceiling < 1:
             raise ValueError("ceiling must be at least 1")
         if lag_target_s < 0 or interval_s <= 0 or window_s < interval_s:
             raise ValueError("need lag_target_s >= 0 and 0 < interval_s <= window_s")
+        if not 0 < core_share <= 1:
+            raise ValueError("core_share must be in (0, 1]")
         self.ceiling = ceiling
         self.floor = max(1, min(floor, ceiling))
         self.lag_target_s = lag_target_s
         self.interval_s = interval_s
         self.window_s = window_s
+        self._busy = _BUSY * core_share
         self._window_start = 0.0
         self._lags = 0.0
         self._probes = 0
@@ -157,6 +162,7 @@ class AdaptiveLimit:
         loop = asyncio.get_running_loop()
         self._cpu = self._cpu_clock()
         self._window_start = loop.time()
+        self._lags, self._probes = 0.0, 0
         self._schedule(loop)
 
     def stop(self) -> None:
@@ -188,13 +194,13 @@ class AdaptiveLimit:
 
     def observe(self, lag_s: float, busy: float) -> None:
         """Adjust the limit to one window: the loop's mean lag and the process's CPU share."""
-        if busy >= _BUSY and lag_s > self.lag_target_s:
+        if busy >= self._busy and lag_s > self.lag_target_s:
             if self._inflight <= self._limit:  # the previous cut has taken effect
                 factor = max(_MIN_FACTOR, min(_DECREASE, self.lag_target_s / lag_s))
                 lowered = max(self.floor, int(min(self._limit, self._inflight) * factor))
                 if lowered < self._limit:
                     self._limit = lowered
                     self.cuts += 1
-        elif self._limit < self.ceiling and (busy < _BUSY or lag_s <= self.lag_target_s / 2):
+        elif self._limit < self.ceiling and (busy < self._busy or lag_s <= self.lag_target_s / 2):
             self._limit = min(self.ceiling, self._limit + max(1, self._limit // 8))
             self._wake()

@@ -76,6 +76,7 @@ class Worker:
         max_pending: int = 10000,
         max_attempts: int = 3,
         lag_target_s: float = 0.0,
+        core_share: float = 1.0,
         on_accepted: Callable[[InboundMessage], None] | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -84,7 +85,9 @@ class Worker:
         self.metrics = metrics
         self.max_pending = max_pending
         self.max_attempts = max_attempts
-        self.limit = AdaptiveLimit(max_concurrency, lag_target_s=lag_target_s)
+        self.limit = AdaptiveLimit(
+            max_concurrency, lag_target_s=lag_target_s, core_share=core_share
+        )
         self._lanes: dict[ConversationKey, _Lane] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending = 0

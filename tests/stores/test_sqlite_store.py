@@ -421,7 +421,6 @@ async def test_sqlite_file_is_held_per_store_and_released_by_aclose(tmp_path: Pa
         await first.aclose()
     async with SQLiteStore(path):
         pass
-    assert (tmp_path / "imrelay.db.lock").exists()
 
 
 def context_rows(path: Path, key: str) -> list[str]:
@@ -449,24 +448,31 @@ async def test_sqlite_context_file_matches_what_loads_through_the_cache(tmp_path
 
 
 async def test_sqlite_context_cache_is_bounded_and_rereads_an_evicted_key(tmp_path: Path) -> None:
+    """Two keys cached: the least recently used one is dropped and read from the file again."""
     path = tmp_path / "imrelay.db"
     async with SQLiteStore(path, context_cache_keys=2) as store:
         for key in ("a", "b"):
             await store.append(key, [said(1)], keep=5)
             await store.load(key, since=0)
-        outside = sqlite3.connect(path)  # a row the store did not write: visible only on a read
+        outside = sqlite3.connect(path)  # rows the store did not write: visible only on a read
         try:
             with outside:
-                outside.execute(
-                    "INSERT INTO context (key, role, content, at) VALUES ('a', 'user', 'x', 2.0)"
+                outside.executemany(
+                    "INSERT INTO context (key, role, content, at) VALUES (?, 'user', ?, 2.0)",
+                    [("a", "x"), ("b", "y")],
                 )
         finally:
             outside.close()
-        assert [t.content for t in await store.load("a", since=0)] == ["turn 1"]  # cached
-        await store.load("c", since=0)
-        await store.load("b", since=0)  # "a" is now the least recently used of three
-        await store.load("d", since=0)
-        assert [t.content for t in await store.load("a", since=0)] == ["turn 1", "x"]
+
+        async def contents(key: str) -> list[str]:
+            return [t.content for t in await store.load(key, since=0)]
+
+        assert await contents("a") == ["turn 1"]  # cached, and now used after "b"
+        assert await contents("c") == []  # drops "b", the least recently used (not "a")
+        assert await contents("a") == ["turn 1"]
+        assert await contents("b") == ["turn 1", "y"]  # read again; drops "c"
+        assert await contents("d") == []  # drops "a"
+        assert await contents("a") == ["turn 1", "x"]
 
 
 async def test_sqlite_context_failed_append_leaves_cache_and_file_agreeing(tmp_path: Path) -> None:
@@ -498,3 +504,47 @@ async def test_sqlite_context_load_during_an_append_in_flight(
         assert [t.content for t in await store.load("k", since=0)] == ["turn 1"]
         await pending
         assert [t.content for t in await store.load("k", since=0)] == ["turn 1", "turn 2"]
+
+
+async def test_sqlite_context_read_after_a_commit_but_before_the_append_resumed(
+    tmp_path: Path,
+) -> None:
+    """A task woken by an earlier write of the same commit reads the key (not cached) before
+    the append's own task resumes: that list already holds the new turns, which the append
+    must not add a second time."""
+    path = tmp_path / "imrelay.db"
+    async with SQLiteStore(path, commit_interval_ms=50) as store:
+
+        async def reader() -> list[ContextTurn]:
+            await store.record_sent("dingtalk", "m1", 0, 1.0)  # committed with the append
+            return await store.load("k", since=0)
+
+        read = asyncio.create_task(reader())
+        await asyncio.sleep(0)  # its record_sent is queued first
+        await store.append("k", [said(1), said(2)], keep=10)
+        assert [t.content for t in await read] == ["turn 1", "turn 2"]
+        assert [t.content for t in await store.load("k", since=0)] == ["turn 1", "turn 2"]
+        assert context_rows(path, "k") == ["turn 1", "turn 2"]
+
+
+async def test_sqlite_overlapping_appends_still_trim_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "imrelay.db"
+    async with SQLiteStore(path, commit_interval_ms=50) as store:
+        await store.append("k", [said(1), said(2)], keep=4)
+        await store.load("k", since=0)  # cached: 2 turns, each append alone would fit
+        await asyncio.gather(
+            store.append("k", [said(3), said(4)], keep=4),
+            store.append("k", [said(5), said(6)], keep=4),
+        )
+        assert context_rows(path, "k") == [f"turn {i}" for i in range(3, 7)]
+        assert [t.content for t in await store.load("k", since=0)] == context_rows(path, "k")
+
+
+async def test_sqlite_closed_store_refuses_a_load_it_has_cached(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "imrelay.db")
+    await store.open()
+    await store.append("k", [said(1)], keep=5)
+    await store.load("k", since=0)
+    await store.aclose()
+    with pytest.raises(StoreError, match="closed"):
+        await store.load("k", since=0)

@@ -211,7 +211,8 @@ def _error_detail(body: Any) -> str | None:
 
 
 def _loads(raw: bytes) -> Any:
-    return _json.loads(raw)
+    # strict UTF-8 first (SSE always is): json.loads(bytes) would guess UTF-16/32
+    return _json.loads(raw.decode())
 
 
 def _encode(body: Mapping[str, Any]) -> bytes:

@@ -220,6 +220,7 @@ class SQLiteStore:
         self.path = os.fspath(path)
         self._lock_fd: int | None = None
         self._context: OrderedDict[str, list[ContextTurn]] = OrderedDict()
+        self._appending: dict[str, int] = {}  # appends in flight, per key
         self._context_keys = context_cache_keys
         self._ttl = dedup_ttl_s
         self._clock = clock
@@ -297,10 +298,9 @@ class SQLiteStore:
 
     async def aclose(self) -> None:
         """Commit every queued write, then close the database. Safe to call twice."""
-        try:
-            await self._writer.aclose()
-        finally:
-            self._unlock()
+        self._context.clear()
+        await self._writer.aclose()
+        self._unlock()  # only once the connection is closed: not when the close was cut off
 
     def _unlock(self) -> None:
         fd, self._lock_fd = self._lock_fd, None
@@ -521,6 +521,7 @@ class SQLiteStore:
 
     async def load(self, key: str, since: float) -> list[ContextTurn]:
         """The turns of ``key`` stamped at or after ``since``, oldest first."""
+        self._writer.check_open()
         turns = self._context.get(key)
         if turns is not None:
             self._context.move_to_end(key)
@@ -545,8 +546,9 @@ class SQLiteStore:
             raise ValueError("keep must be >= 0")
         rows = [(key, t.role, t.content, t.at, t.message_id) for t in turns]
         known = self._context.get(key)
-        # the cached list is every row of the key: when the new ones still fit, nothing to trim
-        trim = known is None or len(known) + len(rows) > keep
+        # the cached list is every row of the key: when the new ones still fit, nothing to
+        # trim, unless another append of the key is in flight (the list is about to grow)
+        trim = known is None or key in self._appending or len(known) + len(rows) > keep
 
         def op(conn: sqlite3.Connection) -> None:
             conn.executemany(
@@ -560,17 +562,24 @@ class SQLiteStore:
                     (key, key, keep),
                 )
 
+        self._appending[key] = self._appending.get(key, 0) + 1
         try:
             await self._write(op)
         except BaseException:
             self._context.pop(key, None)  # whether it committed is unknown: read it again
             raise
+        finally:
+            left = self._appending[key] - 1
+            if left:
+                self._appending[key] = left
+            else:
+                del self._appending[key]
         cached = self._context.get(key)
         if cached is not None and cached is known:
             cached.extend(turns)
             if len(cached) > keep:
                 del cached[: len(cached) - keep]
-        else:  # a list read while this append was in flight lacks its turns
+        else:  # read while this append was in flight: it may lack these turns or hold them
             self._context.pop(key, None)
 
     async def clear(self, key: str) -> None:
