@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
 import math
+import uuid
 from typing import Any
 
 import pytest
@@ -11,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from imrelay import _json
+from imrelay.models import openai_compat
 
 documents = st.recursive(
     st.none()
@@ -70,3 +74,35 @@ def test_what_orjson_cannot_write_is_written_by_the_standard_library() -> None:
         _json.dumps({"a": {1, 2}})
     # the one difference kept: a float that is not a number is written as JSON's null
     assert _json.dumps([math.nan, math.inf]) == "[null,null]"
+
+
+def test_dataclasses_and_datetimes_are_refused_as_by_the_standard_library() -> None:
+    @dataclasses.dataclass
+    class Point:
+        x: int
+
+    for value in (
+        Point(1),
+        datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC),
+        datetime.date(2026, 1, 1),
+    ):
+        with pytest.raises(TypeError):
+            json.dumps(value)
+        with pytest.raises(TypeError):
+            _json.dumps({"v": value})
+        with pytest.raises(TypeError):
+            _json.dumpb([value])
+
+
+def test_uuids_are_written_where_the_standard_library_refuses_them() -> None:
+    value = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    assert _json.dumps([value]) == '["12345678-1234-5678-1234-567812345678"]'
+
+
+def test_model_chunks_must_be_utf8() -> None:
+    """json.loads(bytes) would guess UTF-16; a model's stream is UTF-8 or it is refused."""
+    utf16 = '{"a": 1}'.encode("utf-16")
+    assert json.loads(utf16) == {"a": 1}
+    with pytest.raises(UnicodeDecodeError):
+        openai_compat._loads(utf16)
+    assert openai_compat._loads('{"a": "é"}'.encode()) == {"a": "é"}

@@ -31,7 +31,7 @@ from imrelay.errors import AuthError, ConfigError, StoreError
 from imrelay.http import HTTPClient
 from imrelay.models import FallbackChain, build_model
 from imrelay.models.base import ModelBackend
-from imrelay.observability.metrics import Metrics, read_process_limits
+from imrelay.observability.metrics import Metrics, ProcessLimits, read_process_limits
 from imrelay.pipeline.command import CommandStage
 from imrelay.pipeline.context import Stage, TurnContext
 from imrelay.pipeline.filter import AccessStage, DedupStage, KindStage
@@ -91,6 +91,23 @@ _RESTART_ONLY = (
     "pipeline.max_attempts",
     "pipeline.loop_lag_target_ms",
 )
+
+
+def core_share(read: Callable[[], ProcessLimits]) -> float:
+    """The share of a core the event loop may use: 1, or the CPU quota when that is less.
+
+    The worker's adaptive limit measures saturation against it. Limits that cannot be read
+    (an unusual cgroup file, a platform without them) count as a whole core, with a warning:
+    the gateway starts either way.
+    """
+    try:
+        cores = float(read().cpu_cores)
+    except Exception as exc:  # the limit is an optimisation; never a reason not to start
+        logger.warning("could not read the process's CPU limit (%s); assuming one core", exc)
+        return 1.0
+    if not cores > 0:  # 0, negative or NaN
+        return 1.0
+    return min(1.0, max(cores, 0.01))
 
 
 def _get(settings: Any, dotted: str) -> Any:
@@ -265,8 +282,7 @@ class Gateway:
             max_pending=s.pipeline.max_pending,
             max_attempts=s.pipeline.max_attempts,
             lag_target_s=s.pipeline.loop_lag_target_ms / 1000,
-            # one event loop uses at most one core: less when the container's quota is less
-            core_share=min(1.0, max(read_process_limits().cpu_cores, 0.01)),
+            core_share=core_share(read_process_limits) if s.pipeline.loop_lag_target_ms else 1.0,
             wall_clock=self.wall_clock,
         )
 

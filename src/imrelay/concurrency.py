@@ -9,9 +9,9 @@ the platform's callbacks time out and are retried, and health checks fail, altho
 has room.
 
 :class:`AdaptiveLimit` takes the place of a fixed semaphore. A probe runs every
-``interval_s`` (10 ms) and measures how late the loop ran it (the loop lag). Every ``window_s``
-(50 ms) the mean lag of the window and the process's CPU share over it (CPU time over wall
-time) decide:
+``interval_s`` (10 ms) and measures how late the loop ran it (the loop lag). Every
+``window_s`` (50 ms; at least 200 ms, two scheduler periods, under a CPU quota) the mean lag
+of the window and the process's CPU share over it (CPU time over wall time) decide:
 
 * lag above ``lag_target_s`` while the process used at least 90 % of what it may use
   (``core_share``: one core, or its CPU quota when that is less; then the lag is its own,
@@ -19,8 +19,10 @@ time) decide:
   ``lag_target_s / lag``, between a half and three quarters, never below ``floor``; and not
   again until the messages in flight have come down to the limit (a cut takes effect as
   pipelines finish, and cutting again before that would overshoot);
-* the process below that, or the lag at most half the target: the limit rises by an
-  eighth (at least one), up to ``ceiling``.
+* the lag at most half the target, or at most the target while the process is below that
+  share: the limit rises by an eighth (at least one), up to ``ceiling``. A lag above the
+  target while the process is not saturated (the host, or a CPU quota's throttling) changes
+  nothing.
 
 Messages waiting for a slot are served in arrival order. A pipeline already running is never
 interrupted: a message is only started later, and it waits in the inbox, where it already is.
@@ -79,7 +81,9 @@ class AdaptiveLimit:
         self.floor = max(1, min(floor, ceiling))
         self.lag_target_s = lag_target_s
         self.interval_s = interval_s
-        self.window_s = window_s
+        # under a CPU quota, a window shorter than the CFS period (100 ms) would see a burst
+        # that used the period's quota, then a throttled stretch: use two periods
+        self.window_s = window_s if core_share >= 1 else max(window_s, 0.2)
         self._busy = _BUSY * core_share
         self._window_start = 0.0
         self._lags = 0.0
@@ -201,6 +205,10 @@ class AdaptiveLimit:
                 if lowered < self._limit:
                     self._limit = lowered
                     self.cuts += 1
-        elif self._limit < self.ceiling and (busy < self._busy or lag_s <= self.lag_target_s / 2):
+        elif (
+            self._limit < self.ceiling
+            and lag_s <= self.lag_target_s
+            and (busy < self._busy or lag_s <= self.lag_target_s / 2)
+        ):
             self._limit = min(self.ceiling, self._limit + max(1, self._limit // 8))
             self._wake()

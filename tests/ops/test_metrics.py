@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from _support import wait_for
-from imrelay.app import Gateway
+from imrelay.app import Gateway, core_share
 from imrelay.message import Conversation, InboundMessage, Sender
 from imrelay.observability.metrics import (
     LATENCY_BUCKETS,
@@ -256,3 +257,25 @@ async def test_metrics_gateway_overhead_excludes_model_time(
     assert total >= model
     assert 0 <= overhead <= total - 0.29
     assert overhead == pytest.approx(total - model, abs=0.05)
+
+
+def test_core_share_is_the_quota_under_one_core_and_one_otherwise(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What the adaptive limit measures saturation against; a limit that cannot be read
+    never keeps the gateway from starting."""
+
+    def limits(cores: float) -> ProcessLimits:
+        return ProcessLimits(memory_bytes=1e9, cpu_cores=cores)
+
+    assert core_share(lambda: limits(0.5)) == 0.5
+    assert core_share(lambda: limits(4.0)) == 1.0
+    assert core_share(lambda: limits(float("nan"))) == 1.0
+    assert core_share(lambda: limits(0.0)) == 1.0
+
+    def unreadable() -> ProcessLimits:
+        raise ZeroDivisionError("float division by zero")
+
+    with caplog.at_level(logging.WARNING, logger="imrelay.app"):
+        assert core_share(unreadable) == 1.0
+    assert "assuming one core" in caplog.text

@@ -494,7 +494,7 @@ async def test_sqlite_context_load_during_an_append_in_flight(
     """A load while an append waits for its commit sees the committed turns, and the next
     load after the commit sees the new ones, whether the key was cached or not."""
     path = tmp_path / "imrelay.db"
-    async with SQLiteStore(path, commit_interval_ms=200) as store:
+    async with SQLiteStore(path, commit_interval_ms=500) as store:
         await store.append("k", [said(1)], keep=5)
         if cached:
             await store.load("k", since=0)
@@ -548,3 +548,43 @@ async def test_sqlite_closed_store_refuses_a_load_it_has_cached(tmp_path: Path) 
     await store.aclose()
     with pytest.raises(StoreError, match="closed"):
         await store.load("k", since=0)
+
+
+async def test_sqlite_cancelled_append_still_counts_until_it_commits(tmp_path: Path) -> None:
+    """An append whose caller stopped waiting still commits: a load meanwhile is not cached
+    (it would miss those turns), and a later append trims the file."""
+    path = tmp_path / "imrelay.db"
+    async with SQLiteStore(path, commit_interval_ms=100) as store:
+        await store.append("k", [said(1), said(2)], keep=3)
+        await store.load("k", since=0)
+        stopped = asyncio.create_task(store.append("k", [said(3)], keep=3))
+        await asyncio.sleep(0.01)
+        stopped.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopped
+        assert [t.content for t in await store.load("k", since=0)] == ["turn 1", "turn 2"]
+        await store.append("k", [said(4)], keep=3)
+        assert context_rows(path, "k") == ["turn 2", "turn 3", "turn 4"]
+        assert [t.content for t in await store.load("k", since=0)] == context_rows(path, "k")
+
+
+async def test_sqlite_lock_stays_while_an_interrupted_close_left_the_file_open(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "imrelay.db"
+    store = SQLiteStore(path, commit_interval_ms=500)
+    await store.open()
+    writing = asyncio.create_task(store.append("k", [said(1)], keep=3))
+    await asyncio.sleep(0.01)
+    closing = asyncio.create_task(store.aclose())
+    await asyncio.sleep(0.01)
+    closing.cancel()  # cut off while it waits for the queued write
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    with pytest.raises(StoreError, match="in use"):
+        await SQLiteStore(path).open()
+    await store.aclose()  # closes what the first one left open, then lets go of the file
+    async with SQLiteStore(path):
+        pass
+    writing.cancel()
+    await asyncio.gather(writing, return_exceptions=True)

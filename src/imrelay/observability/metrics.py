@@ -288,7 +288,10 @@ def _physical_memory() -> float:
 
 
 def _usable_cpus() -> float:
-    return float(len(os.sched_getaffinity(0)))
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux only; macOS has none
+    if affinity is not None:
+        return float(len(affinity(0)))
+    return float(os.cpu_count() or 1)
 
 
 def read_process_limits(

@@ -135,22 +135,36 @@ class GroupWriter(Generic[_I, _R]):
     async def aclose(self) -> None:
         """Commit every queued item, checkpoint, then close the connection. Safe to call
         twice."""
-        if self.closed:
+        if self.closed:  # an earlier aclose() may have been cut off before the end
+            if self._conn is not None and (self._task is None or self._task.done()):
+                await self._stop_checkpoints()
+                self._close_connection()
             return
         self.closed = True
         if self._task is not None:
             self._queue.put_nowait(None)
             await self._task
+        await self._stop_checkpoints()
+        self._close_connection()
+
+    async def _stop_checkpoints(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpointer
+
+    def _close_connection(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             if self._path is not None:
                 with contextlib.suppress(sqlite3.Error):  # best effort: the WAL stays valid
                     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             conn.close()
+
+    @property
+    def connected(self) -> bool:
+        """The connection is still open (until :meth:`aclose` has closed it)."""
+        return self._conn is not None
 
     def check_open(self) -> None:
         """Raise :class:`StoreError` unless open."""

@@ -40,6 +40,7 @@ longer blocks a message, except that a message still pending is never stored twi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -300,7 +301,8 @@ class SQLiteStore:
         """Commit every queued write, then close the database. Safe to call twice."""
         self._context.clear()
         await self._writer.aclose()
-        self._unlock()  # only once the connection is closed: not when the close was cut off
+        if not self._writer.connected:  # not while a close that was cut off left it open
+            self._unlock()
 
     def _unlock(self) -> None:
         fd, self._lock_fd = self._lock_fd, None
@@ -533,7 +535,8 @@ class SQLiteStore:
                 ).fetchall()
             )
             turns = [ContextTurn(role, content, at, mid) for role, content, at, mid in rows]
-            self._remember(key, turns)
+            if key not in self._appending:  # else the list may miss turns about to commit
+                self._remember(key, turns)
         return [t for t in turns if t.at >= since]
 
     async def append(self, key: str, turns: Sequence[ContextTurn], keep: int) -> None:
@@ -550,7 +553,13 @@ class SQLiteStore:
         # trim, unless another append of the key is in flight (the list is about to grow)
         trim = known is None or key in self._appending or len(known) + len(rows) > keep
 
+        ran = False
+
         def op(conn: sqlite3.Connection) -> None:
+            nonlocal ran
+            if not ran:  # ran: no longer in flight, even if its caller stopped waiting
+                ran = True  # (a batch with a failing op runs again, this op with it)
+                self._appended(key)
             conn.executemany(
                 "INSERT INTO context (key, role, content, at, message_id) VALUES (?, ?, ?, ?, ?)",
                 rows,
@@ -565,15 +574,14 @@ class SQLiteStore:
         self._appending[key] = self._appending.get(key, 0) + 1
         try:
             await self._write(op)
+        except asyncio.CancelledError:
+            self._context.pop(key, None)  # the op may still run: read the key again after it
+            raise
         except BaseException:
             self._context.pop(key, None)  # whether it committed is unknown: read it again
+            if not self._writer.is_open:  # refused before it was queued: it will never run
+                self._appended(key)
             raise
-        finally:
-            left = self._appending[key] - 1
-            if left:
-                self._appending[key] = left
-            else:
-                del self._appending[key]
         cached = self._context.get(key)
         if cached is not None and cached is known:
             cached.extend(turns)
@@ -590,6 +598,13 @@ class SQLiteStore:
             )
         finally:
             self._context.pop(key, None)
+
+    def _appended(self, key: str) -> None:
+        left = self._appending.get(key, 0) - 1
+        if left > 0:
+            self._appending[key] = left
+        else:
+            self._appending.pop(key, None)
 
     def _remember(self, key: str, turns: list[ContextTurn]) -> None:
         self._context[key] = turns
