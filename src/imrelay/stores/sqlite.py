@@ -31,7 +31,8 @@ Context: the turns of the most recently used keys (``context_cache_keys``, 1,024
 memory as well, each list exactly the rows of its key, so a load is a read of the file only
 for a key not used lately, and an append deletes old rows only when the key holds more than
 ``keep``. The lock above is what makes this safe: no other process writes the file. The list
-is updated once the append committed, and dropped when a write's outcome is unknown.
+is updated once the append committed, and dropped when a write's outcome is unknown; a key
+with an append in flight is read from the file and not cached until that append has run.
 
 Dedup keys (``message_id`` plus ``dedup_keys``, per platform) are stamped with the store clock
 when the message is accepted and count for ``dedup_ttl_s`` seconds. A key older than that no
@@ -579,7 +580,7 @@ class SQLiteStore:
             raise
         except BaseException:
             self._context.pop(key, None)  # whether it committed is unknown: read it again
-            if not self._writer.is_open:  # refused before it was queued: it will never run
+            if not ran:  # its batch is over (or it was refused) without running it: never will
                 self._appended(key)
             raise
         cached = self._context.get(key)
