@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,13 +20,15 @@ BENCH = [sys.executable, "-m", "imrelay.cli.bench"]
 pytestmark = pytest.mark.slow
 
 
-async def run_bench(*args: str, timeout: float = 50.0) -> tuple[int, str, str]:
+async def run_bench(
+    *args: str, timeout: float = 50.0, cwd: Path | None = None
+) -> tuple[int, str, str]:
     """Run the bench command to completion; return (exit code, stdout, stderr)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMRELAY_")}
     proc = await asyncio.create_subprocess_exec(
         *BENCH, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL, env=env,
+        stdin=asyncio.subprocess.DEVNULL, env=env, cwd=cwd,
     )  # fmt: skip
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -55,13 +58,16 @@ def check_result(result: dict[str, Any], sent: int) -> None:
     assert set(result["rig_cpu_s"]) == {"dingtalk simulator", "model simulator", "bench driver"}
 
 
-async def test_bench_smoke_run_reports_every_figure() -> None:
-    """A short run of every message kind is answered in full, in order, once each."""
+async def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
+    """A short run of every message kind is answered in full, in order, once each; the run
+    leaves nothing in the current directory (the inbox and the audit log live in its own)."""
     code, out, err = await run_bench(
         "--rate", "20", "--duration", "2", "--conversations", "4",
         "--mix", "text=60,long=10,code=10,picture=20", "--grace", "5", "--json",
+        cwd=tmp_path,
     )  # fmt: skip
     assert code == 0, err
+    assert list(tmp_path.iterdir()) == []
     doc = json.loads(out)
     assert doc["command"][:2] == ["imrelay", "bench"]
     assert doc["machine"]["cores"] >= 1

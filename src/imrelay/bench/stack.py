@@ -67,11 +67,13 @@ def gateway_config(
     app_secret: str,
     ingress: str,
     storage_url: str,
+    audit_url: str,
     concurrency: int,
 ) -> dict[str, Any]:
     """The gateway's configuration: as a user runs it, with the rate limits lifted.
 
-    The durable inbox, metrics, audit log and INFO logging (ECS JSON) stay on; the DingTalk
+    The durable inbox, metrics, audit log and INFO logging (ECS JSON) stay on (the audit log in
+    the run's directory, like the inbox, not in the current one); the DingTalk
     send limits are raised because the simulator does not throttle, and the inbound limits per
     user and per conversation because a benchmark's users send many messages a second.
     """
@@ -100,7 +102,10 @@ def gateway_config(
         "pipeline": {"max_concurrency": concurrency},
         # Synthetic users send far faster than people: lift the inbound limits too (they
         # still run, so their cost is measured).
-        "security": {"rate_limit": {"per_user": _UNLIMITED, "per_conversation": _UNLIMITED}},
+        "security": {
+            "rate_limit": {"per_user": _UNLIMITED, "per_conversation": _UNLIMITED},
+            "audit": {"url": audit_url},
+        },
         "logging": {"format": "ecs", "level": "INFO"},
     }
 
@@ -184,6 +189,7 @@ class Stack:
             app_secret=self.app_secret,
             ingress=o.ingress,
             storage_url=storage,
+            audit_url=f"sqlite:///{self.workdir / 'audit.db'}",
             concurrency=o.concurrency,
         )
         path = self.workdir / "imrelay.json"
