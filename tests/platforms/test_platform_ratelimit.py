@@ -88,6 +88,13 @@ def test_token_bucket_rejects_bad_arguments(rate: float, burst: float) -> None:
         TokenBucket(rate, burst)
 
 
+async def test_token_bucket_token_at_hand_is_no_wait_on_the_real_clock() -> None:
+    """With a token there, ``acquire`` reports 0.0 exactly, not the clock's tick between two
+    readings (the connector counts any wait above zero as throttling)."""
+    b = TokenBucket(1000.0, 50)
+    assert [await b.acquire() for _ in range(20)] == [0.0] * 20
+
+
 async def test_token_bucket_burst_then_rate() -> None:
     """A full bucket hands out its burst at once, then one token per 1/rate seconds."""
     t = AutoTime()

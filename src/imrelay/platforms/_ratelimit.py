@@ -134,6 +134,7 @@ class TokenBucket:
             The seconds spent waiting (0.0 when a token was there at once).
         """
         started = self._clock()
+        waited = self._lock.locked()  # behind earlier callers
         self._waiters += 1
         try:
             async with self._lock:
@@ -145,9 +146,11 @@ class TokenBucket:
                         self._refill(now)
                         if self._tokens >= 1.0:
                             self._tokens -= 1.0
-                            return max(0.0, now - started)
+                            # not the clock's own tick between two readings: that is no wait
+                            return max(0.0, now - started) if waited else 0.0
                         delay = (1.0 - self._tokens) / self.rate_per_s
                     await self._sleep(delay)
+                    waited = True
         finally:
             self._waiters -= 1
 

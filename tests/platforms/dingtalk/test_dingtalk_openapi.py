@@ -625,6 +625,7 @@ async def test_connector_fresh_message_replies_via_session_webhook(env: Env) -> 
     assert env.requests[BATCH_SEND_PATH] + env.requests[GROUP_SEND_PATH] == 0
     assert env.requests[TOKEN_PATH] == 0
     assert throttled(registry, "platform") == 0
+    assert throttled(registry, "conversation") == throttled(registry, "app") == 0  # no wait
 
 
 async def test_connector_expired_webhook_replies_via_openapi(make_env: EnvFactory) -> None:
