@@ -355,6 +355,33 @@ async def test_guard_audit_settled_records_the_turn(
     assert "model" not in second
 
 
+async def test_guard_audit_settled_masks_a_text_only_once(
+    make_ctx: ContextFactory, audit: AuditLog
+) -> None:
+    """A message text the safety stage masked is hashed as it is; the answer, a text given
+    explicitly and a text the safety stage never saw are masked first."""
+    masked: list[str] = []
+
+    def mask(text: str) -> str:
+        masked.append(text)
+        return text.replace("13800138000", "[PHONE]")
+
+    ctx = make_ctx(text="call [PHONE]")
+    ctx.text_masked = True
+    ctx.answer = "ok 13800138000"
+    assert await audit_settled(audit, ctx, "replied", "", mask=mask)
+    assert masked == ["ok 13800138000"]
+    assert await audit_settled(audit, ctx, "dropped", "empty", text="13800138000", mask=mask)
+    unseen = make_ctx("m2", text="call 13800138000")
+    assert await audit_settled(audit, unseen, "dropped", "rate_limited", mask=mask)
+    assert masked[1:] == ["13800138000", "ok 13800138000", "call 13800138000"]
+    first, second, third = _records(audit, "message")
+    assert first["text_sha256"] == hashlib.sha256(b"call [PHONE]").hexdigest()
+    assert first["answer_sha256"] == hashlib.sha256(b"ok [PHONE]").hexdigest()
+    assert second["text_sha256"] == hashlib.sha256(b"[PHONE]").hexdigest()
+    assert third["text_sha256"] == hashlib.sha256(b"call [PHONE]").hexdigest()
+
+
 async def test_guard_audit_settled_survives_a_failed_write(
     make_ctx: ContextFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

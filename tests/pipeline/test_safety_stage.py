@@ -100,6 +100,7 @@ async def test_safety_masks_words_and_pii_into_the_message(
     assert ctx.message == dataclasses.replace(original, text=ctx.message.text)
     assert original.text.endswith("a@b.cn")  # the inbound message itself is untouched
     assert ctx.user_content is None
+    assert ctx.text_masked  # the audit record hashes it as it is
     assert sample("imrelay_pii_masked_total", type="mobile") == 1
     assert sample("imrelay_pii_masked_total", type="email") == 1
     assert (
@@ -121,6 +122,7 @@ async def test_safety_flags_without_changing_the_text(
     with caplog.at_level(logging.WARNING, logger="tests.pipeline"):
         assert await stage(ctx) is ctx
     assert ctx.message is original
+    assert not ctx.text_masked  # words only: personal data still to be masked
     assert "flagged: watch" in caplog.text
     assert (
         sample(
@@ -139,6 +141,7 @@ async def test_safety_clean_message_passes_untouched(
     original = ctx.message
     assert await stage(ctx) is ctx
     assert ctx.message is original
+    assert ctx.text_masked  # searched for personal data: nothing to mask again
 
 
 async def test_safety_without_words_or_pii_is_a_no_op(
@@ -152,6 +155,7 @@ async def test_safety_without_words_or_pii_is_a_no_op(
     original = ctx.message
     assert await stage(ctx) is ctx
     assert ctx.message is original
+    assert not ctx.text_masked
 
 
 async def test_safety_masks_attachment_texts_and_user_content(

@@ -56,6 +56,7 @@ class TurnContext:
     route_reason: str = ""  # why the route stage picked ``model_name`` (for logs)
     route_rule: str = ""  # the routing step that decided (``rule x``, ``by_kind.image``, …)
     system_prompt: str | None = None  # the routing rule's system prompt; None: the model's
+    text_masked: bool = False  # the safety stage masked personal data in ``message.text``
 
 
 class Stage(Protocol):

@@ -356,14 +356,17 @@ async def audit_settled(
             the safety stage, if the message got that far).
         timings: seconds per stage, if the runner kept them.
         mask: applied to the text and answer before hashing (PII masking), so a message
-            dropped before the safety stage is not hashed raw either.
+            dropped before the safety stage is not hashed raw either (the message text the
+            safety stage masked is not masked again).
     """
     msg = ctx.message
     gen = ctx.generation
+    masked = text is None and ctx.text_masked
     text = msg.text if text is None else text
     answer = ctx.answer or None
     if mask is not None:
-        text = mask(text)
+        if not masked:
+            text = mask(text)
         answer = None if answer is None else mask(answer)
     try:
         await audit.record_message(

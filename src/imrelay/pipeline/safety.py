@@ -153,6 +153,7 @@ class InboundSafetyStage:
             if vault != before:
                 await self.vaults.save_vault(vault_key(msg), vault)
         text, rest = cleaned[0], cleaned[1:]
+        ctx.text_masked = self.pii is not None
         attachments = tuple(
             dataclasses.replace(a, text=t)
             for a, t in zip(msg.attachments, rest[: len(msg.attachments)], strict=True)
