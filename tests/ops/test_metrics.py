@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -18,6 +18,8 @@ from imrelay.app import Gateway, core_share
 from imrelay.message import Conversation, InboundMessage, Sender
 from imrelay.observability.metrics import (
     LATENCY_BUCKETS,
+    STAGE_BUCKETS,
+    FastHistogram,
     Metrics,
     ProcessLimits,
     ProcessLimitsCollector,
@@ -188,13 +190,47 @@ def test_metrics_process_limits_default_reads_this_machine() -> None:
 def test_metrics_labels_never_identify_people() -> None:
     """Every imrelay metric is prefixed, and no label could carry a user or chat id."""
     metrics = Metrics(CollectorRegistry(), process=False)
-    wrappers = [v for v in vars(metrics).values() if isinstance(v, MetricWrapperBase)]
+    kinds = (MetricWrapperBase, FastHistogram)
+    wrappers: list[Any] = [v for v in vars(metrics).values() if isinstance(v, kinds)]
     assert len(wrappers) >= 20
+    assert sum(isinstance(w, FastHistogram) for w in wrappers) == 5
     for metric in wrappers:
         assert metric._name.startswith("imrelay_"), metric._name
         for label in metric._labelnames:
             for word in ("user", "sender", "conversation", "chat", "staff", "id", "text"):
                 assert word not in label, (metric._name, label)
+
+
+def test_fast_histogram_exposes_what_prometheus_client_does() -> None:
+    """Same observations, same exposition (bounds, cumulative counts, +Inf, count, sum), but
+    for prometheus_client's ``_created`` series."""
+    values = [0.0, 0.00005, 0.0001, 0.00011, 0.003, 0.0025, 1.0, 59.9, 60.0, 61.0, 1e9]
+    reference, fast = CollectorRegistry(), CollectorRegistry()
+    slow = Histogram("t_seconds", "help", ["stage"], buckets=STAGE_BUCKETS, registry=reference)
+    mine = FastHistogram("t_seconds", "help", ["stage"], buckets=STAGE_BUCKETS, registry=fast)
+    for i, value in enumerate(values):
+        for h in (slow, mine):
+            h.labels("a" if i % 3 else "b").observe(value)
+    mine.labels("unused")  # a child never observed: zeros, like prometheus_client's
+    slow.labels("unused")
+
+    def exposition(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        return sorted(line for line in text.splitlines() if "_created" not in line)
+
+    assert exposition(fast) == exposition(reference)
+    assert 'le="0.0001"' in generate_latest(fast).decode()
+
+
+def test_fast_histogram_refuses_bad_buckets_and_labels() -> None:
+    """Buckets must be finite, distinct and ascending; a child needs every label value."""
+    for buckets in ((), (1.0, 0.5), (0.5, 0.5), (1.0, float("inf"))):
+        with pytest.raises(ValueError, match="buckets"):
+            FastHistogram("x", "h", ["a"], buckets=buckets, registry=CollectorRegistry())
+    h = FastHistogram("x", "h", ["a", "b"], buckets=(1.0,), registry=CollectorRegistry())
+    with pytest.raises(ValueError, match="expected 2 label values"):
+        h.labels("only-one")
+    assert h.labels("1", "2") is h.labels("1", "2")
 
 
 def test_metrics_latency_buckets_resolve_the_500ms_slo() -> None:

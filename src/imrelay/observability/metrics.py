@@ -8,31 +8,39 @@ user or conversation id.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+import threading
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, cast
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 __all__ = [
     "LATENCY_BUCKETS",
     "STAGE_BUCKETS",
+    "FastHistogram",
+    "HistogramChild",
     "Metrics",
     "ProcessLimits",
     "ProcessLimitsCollector",
     "read_process_limits",
 ]
+
+_le = cast(
+    Callable[[float], str], floatToGoString
+)  # a bucket bound as prometheus_client writes it
 
 # Fine resolution below one second for a 500 ms processing SLO, then coarse up to model timeouts.
 LATENCY_BUCKETS: Final = (
@@ -44,6 +52,89 @@ STAGE_BUCKETS: Final = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
+
+
+class HistogramChild:
+    """One label set's buckets: an observation is a bisect and two additions."""
+
+    __slots__ = ("_bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket (not cumulative); the last: +Inf
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        """Count ``amount`` in the first bucket whose upper bound is at least ``amount``."""
+        self.counts[bisect_left(self._bounds, amount)] += 1
+        self.sum += amount
+
+
+class FastHistogram(Collector):
+    """A labelled histogram for the event loop's hot path, exposed like prometheus_client's.
+
+    A message makes about twenty observations (one per pipeline stage, and the message's own
+    latencies). prometheus_client's ``observe`` takes a lock for the sum and for the bucket and
+    walks the bounds in Python: 0.66 µs; this one is a bisect and two additions: 0.11 µs. It
+    is meant for one thread (the event loop): observations made from several threads at once
+    could lose a count. The exposition is the same ``_bucket``/``_count``/``_sum`` series,
+    without ``_created``.
+
+    Args:
+        name: the metric name.
+        documentation: its help text.
+        labelnames: its label names.
+        buckets: the upper bounds, ascending (``+Inf`` is added).
+        registry: where it is registered.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Iterable[str],
+        *,
+        buckets: Iterable[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        bounds = tuple(float(b) for b in buckets)
+        if not bounds or list(bounds) != sorted(set(bounds)) or bounds[-1] == float("inf"):
+            raise ValueError("buckets must be finite, distinct and ascending")
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._bounds = bounds
+        self._children: dict[tuple[str, ...], HistogramChild] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def labels(self, *values: str) -> HistogramChild:
+        """The child of one label set (created at first use)."""
+        if len(values) != len(self._labelnames):
+            raise ValueError(f"{self._name}: expected {len(self._labelnames)} label values")
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            with self._lock:
+                child = self._children.setdefault(key, HistogramChild(self._bounds))
+        return child
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        with self._lock:
+            children = list(self._children.items())
+        for key, child in children:
+            counts = list(child.counts)
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, n in zip((*self._bounds, float("inf")), counts, strict=True):
+                cumulative += n
+                buckets.append((_le(bound), cumulative))
+            family.add_metric(list(key), buckets, child.sum)
+        yield family
 
 
 class Metrics:
@@ -91,14 +182,14 @@ class Metrics:
             ["platform", "reason"],
             registry=r,
         )
-        self.processing_latency = Histogram(
+        self.processing_latency = FastHistogram(
             "imrelay_message_processing_latency_seconds",
             "Receipt of a message to its last reply part accepted by the platform.",
             ["platform"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.gateway_overhead = Histogram(
+        self.gateway_overhead = FastHistogram(
             "imrelay_gateway_overhead_seconds",
             "Processing latency minus model time: what imrelay itself adds (queueing, stages, "
             "sending).",
@@ -106,21 +197,21 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.stage_latency = Histogram(
+        self.stage_latency = FastHistogram(
             "imrelay_stage_latency_seconds",
             "Time spent in each pipeline stage.",
             ["stage"],
             buckets=STAGE_BUCKETS,
             registry=r,
         )
-        self.model_latency = Histogram(
+        self.model_latency = FastHistogram(
             "imrelay_model_latency_seconds",
             "Model call duration, request to last token.",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.model_first_token = Histogram(
+        self.model_first_token = FastHistogram(
             "imrelay_model_first_token_seconds",
             "Model call duration, request to first token.",
             ["model"],

@@ -17,11 +17,11 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter
 
 from imrelay.errors import ModelError, ModelTimeout, ModelUnavailable, PlatformAPIError
 from imrelay.models.base import ChatMessage, Generation, ModelBackend
-from imrelay.observability.metrics import Metrics
+from imrelay.observability.metrics import HistogramChild, Metrics
 from imrelay.pipeline.context import Drop, TurnContext
 from imrelay.pipeline.format import EMPTY_ANSWER
 from imrelay.platforms.base import ReplyStream
@@ -56,8 +56,8 @@ class _OkMetrics:
     """One model's metric children for a successful call."""
 
     requests: Counter
-    latency: Histogram
-    first_token: Histogram
+    latency: HistogramChild
+    first_token: HistogramChild
     prompt_tokens: Counter
     completion_tokens: Counter
 

@@ -25,13 +25,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
-from prometheus_client import Histogram
-
 from imrelay.errors import PlatformAPIError
 from imrelay.message import InboundMessage, OutboundReply
 from imrelay.models.base import REQUEST_ID
 from imrelay.observability.logging import log_context, message_logger
-from imrelay.observability.metrics import Metrics
+from imrelay.observability.metrics import HistogramChild, Metrics
 from imrelay.pipeline.context import Drop, Stage, TurnContext
 from imrelay.pipeline.filter import DUPLICATE, DedupStage
 from imrelay.pipeline.send import ReplySender
@@ -65,7 +63,7 @@ class Runner:
         self.stages = list(stages)
         # each stage's histogram child, looked up once (labels() takes a lock and a dict lookup)
         self._timers = [metrics.stage_latency.labels(stage.name) for stage in self.stages]
-        self._done_timers: dict[str, tuple[Histogram, Histogram]] = {}  # per platform
+        self._done_timers: dict[str, tuple[HistogramChild, HistogramChild]] = {}  # per platform
         self.on_settled = on_settled
         self.sender = sender
         self.inbox = inbox
