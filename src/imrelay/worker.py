@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 from imrelay.concurrency import AdaptiveLimit
 from imrelay.message import ConversationKey, InboundMessage
-from imrelay.observability.metrics import Metrics
+from imrelay.observability.metrics import CounterChildren, Metrics
 from imrelay.pipeline.runner import Runner
 from imrelay.stores.base import Inbox, InboxRecord
 
@@ -83,6 +83,7 @@ class Worker:
         self.inbox = inbox
         self.runner = runner
         self.metrics = metrics
+        self._received = CounterChildren(metrics.messages_received)
         self.max_pending = max_pending
         self.max_attempts = max_attempts
         self.limit = AdaptiveLimit(
@@ -239,7 +240,7 @@ class Worker:
             )
             raise
         if new:
-            self.metrics.messages_received.labels(message.platform, message.kind).inc()
+            self._received(message.platform, message.kind).inc()
             if self._on_accepted is not None:
                 self._on_accepted(message)
         else:

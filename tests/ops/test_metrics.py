@@ -19,6 +19,7 @@ from imrelay.message import Conversation, InboundMessage, Sender
 from imrelay.observability.metrics import (
     LATENCY_BUCKETS,
     STAGE_BUCKETS,
+    CounterChildren,
     FastHistogram,
     Metrics,
     ProcessLimits,
@@ -231,6 +232,20 @@ def test_fast_histogram_refuses_bad_buckets_and_labels() -> None:
     with pytest.raises(ValueError, match="expected 2 label values"):
         h.labels("only-one")
     assert h.labels("1", "2") is h.labels("1", "2")
+
+
+def test_counter_children_count_into_the_labelled_series() -> None:
+    """A remembered child is the counter's own: what it counts is what ``labels()`` reads."""
+    metrics = Metrics(CollectorRegistry(), process=False)
+    received = CounterChildren(metrics.messages_received)
+    received("dingtalk", "text").inc()
+    received("dingtalk", "text").inc(2)
+    received("dingtalk", "picture").inc()
+    assert received("dingtalk", "text") is metrics.messages_received.labels("dingtalk", "text")
+    value = metrics.registry.get_sample_value(
+        "imrelay_messages_received_total", {"platform": "dingtalk", "kind": "text"}
+    )
+    assert value == 3
 
 
 def test_metrics_latency_buckets_resolve_the_500ms_slo() -> None:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from imrelay.config import RoutingSettings
 from imrelay.errors import ConfigError
-from imrelay.observability.metrics import Metrics
+from imrelay.observability.metrics import CounterChildren, Metrics
 from imrelay.pipeline.context import Drop, TurnContext
 from imrelay.routing.rules import Router
 from imrelay.security.access import DepartmentLookup
@@ -54,6 +54,7 @@ class RouteStage:
         self.router = router
         self.departments_of = departments_of
         self.metrics = metrics
+        self._decisions = None if metrics is None else CounterChildren(metrics.route_decisions)
 
     def pick(self, kind: str) -> str:
         """The model for a message kind when no rule or pin applies."""
@@ -69,8 +70,6 @@ class RouteStage:
         ctx.route_reason = f"{decision.rule}: {decision.reason}"
         ctx.system_prompt = decision.system_prompt
         ctx.log.debug("routed to %s by %s", decision.model, ctx.route_reason)
-        if self.metrics is not None:
-            self.metrics.route_decisions.labels(
-                decision.model, decision.rule, decision.canary or "none"
-            ).inc()
+        if self._decisions is not None:
+            self._decisions(decision.model, decision.rule, decision.canary or "none").inc()
         return ctx

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from imrelay.errors import PlatformAPIError, RateLimited
 from imrelay.message import OutboundReply
-from imrelay.observability.metrics import Metrics
+from imrelay.observability.metrics import CounterChildren, Metrics
 from imrelay.pipeline.context import Drop, TurnContext
 from imrelay.platforms.base import Platform, ReplyStream
 from imrelay.stores.base import ContextStore, ContextTurn, Outbox
@@ -52,6 +52,7 @@ class ReplySender:
         self.platforms = platforms
         self.outbox = outbox
         self.metrics = metrics
+        self._replies = CounterChildren(metrics.replies)
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.deadline_s = deadline_s
@@ -84,7 +85,7 @@ class ReplySender:
         now = self.clock()
         for part in sorted({0, *(reply.part for reply in replies)}):
             await self.outbox.record_sent(msg.platform, msg.message_id, part, now)
-        self.metrics.replies.labels(msg.platform, "sent").inc()
+        self._replies(msg.platform, "sent").inc()
 
     async def send_all(self, ctx: TurnContext, replies: Sequence[OutboundReply]) -> None:
         """Send every part not recorded as sent yet.
@@ -98,12 +99,12 @@ class ReplySender:
             if ctx.resumed and await self.outbox.was_sent(
                 msg.platform, msg.message_id, reply.part
             ):
-                self.metrics.replies.labels(msg.platform, "skipped").inc()
+                self._replies(msg.platform, "skipped").inc()
                 continue
             await self._send_one(ctx, platform, reply)
             ctx.sent_parts += 1
             await self.outbox.record_sent(msg.platform, msg.message_id, reply.part, self.clock())
-            self.metrics.replies.labels(msg.platform, "sent").inc()
+            self._replies(msg.platform, "sent").inc()
 
     async def _send_one(self, ctx: TurnContext, platform: Platform, reply: OutboundReply) -> None:
         deadline = self.clock() + self.deadline_s
@@ -115,13 +116,13 @@ class ReplySender:
                 return
             except PlatformAPIError as exc:
                 if not exc.retryable or attempt >= self.max_attempts:
-                    self.metrics.replies.labels(ctx.message.platform, "failed").inc()
+                    self._replies(ctx.message.platform, "failed").inc()
                     raise
                 delay = self.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random() / 2)  # nosec B311  # retry jitter
                 if isinstance(exc, RateLimited):
                     delay = max(delay, exc.retry_after)
                 if self.clock() + delay > deadline:
-                    self.metrics.replies.labels(ctx.message.platform, "failed").inc()
+                    self._replies(ctx.message.platform, "failed").inc()
                     raise
                 ctx.log.info("send attempt %d failed (%s); retrying in %.2fs", attempt, exc, delay)
                 await self.sleep(delay)

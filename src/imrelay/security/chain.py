@@ -89,11 +89,15 @@ class AuditRecord:
         }
 
 
+# one encoder for every record: json.dumps with options builds a new one on each call
+_CANONICAL: Final = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+
+
 def canonical_json(value: Any) -> str:
     """Sorted keys, no spaces, UTF-8 text, no NaN (raises ``ValueError`` on one)."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
+    return _CANONICAL.encode(value)
 
 
 def chain_hash(prev_hash: str, seq: int, at: float, kind: str, fields: Mapping[str, Any]) -> str:
