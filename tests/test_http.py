@@ -329,6 +329,41 @@ async def test_http_cancelled_request_frees_its_place() -> None:
         assert client.connections_made == 2
 
 
+async def test_http_request_line_carries_path_and_query_as_given() -> None:
+    """URLs with a query (a sessionWebhook each) share their origin and path with the plain
+    URL but keep their own query; a fragment never goes out."""
+    lines: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, _ = await _read_request(reader)
+            lines.append(head.split(b"\r\n", 1)[0])
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await writer.drain()
+
+    server, url = await _serve_raw(handler)
+    targets = [
+        "/robot/send?session=a1",
+        "/robot/send?session=b2&x=%2F",
+        "/robot/send",
+        "?only=query",
+        "/p?q=1#frag",
+        "/p?",
+    ]
+    async with server, HTTPClient() as client:
+        for target in targets:
+            (await client.request("POST", url + target, body=b"")).release()
+    assert lines == [
+        b"POST /robot/send?session=a1 HTTP/1.1",
+        b"POST /robot/send?session=b2&x=%2F HTTP/1.1",
+        b"POST /robot/send HTTP/1.1",
+        b"POST /?only=query HTTP/1.1",
+        b"POST /p?q=1 HTTP/1.1",
+        b"POST /p HTTP/1.1",
+    ]
+    assert client.connections_made == 1
+
+
 def test_http_rejects_bad_urls_and_header_injection() -> None:
     """Relative or non-http URLs and header values with line breaks never reach a socket."""
 

@@ -464,6 +464,13 @@ class HTTPClient:
         cached = self._origins.get(url)
         if cached is not None:
             return cached
+        base, mark, query = url.partition("?")
+        if mark and query and "#" not in url:  # e.g. a sessionWebhook: its base is cached
+            cached = self._origins.get(base)
+            if cached is None:
+                cached = self._split(base)
+            origin, path = cached
+            return origin, f"{path}?{query}"
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https") or not parts.hostname:
