@@ -154,6 +154,6 @@ async def test_writer_sets_a_wal_size_limit(tmp_path: Path) -> None:
     try:
         conn = writer._conn
         assert conn is not None
-        assert conn.execute("PRAGMA journal_size_limit").fetchone() == (64 * 1024 * 1024,)
+        assert conn.execute("PRAGMA journal_size_limit").fetchone() == (512 * 1024 * 1024,)
     finally:
         await writer.aclose()
