@@ -345,7 +345,7 @@ class PipelineSettings(_Section):
     max_concurrency: int = Field(64, ge=1)
     max_pending: int = Field(10000, ge=1)
     max_attempts: int = Field(3, ge=1)
-    loop_lag_target_ms: float = Field(2.0, ge=0)
+    loop_lag_target_ms: float = Field(0.0, ge=0)
     group_require_mention: bool = True
     drain_timeout_s: float = Field(20.0, ge=0)
     unsupported_notice: str = "Sorry, I can only read text messages for now."

@@ -29,7 +29,12 @@ async def test_reload_keeps_restart_only_settings_and_closes_retired_models_at_s
     db = tmp_path / "imrelay.db"
     limits = {"enabled": True, "per_user": {"per_minute": 600, "burst": 100}}
     first = gateway_settings(
-        dingtalk_sim, model_sim, db, pipeline__drain_timeout_s=600, security__rate_limit=limits
+        dingtalk_sim,
+        model_sim,
+        db,
+        pipeline__drain_timeout_s=600,
+        pipeline__loop_lag_target_ms=2,
+        security__rate_limit=limits,
     )
     changed = gateway_settings(
         dingtalk_sim,
