@@ -364,6 +364,30 @@ async def test_http_request_line_carries_path_and_query_as_given() -> None:
     assert client.connections_made == 1
 
 
+async def test_http_line_breaks_in_a_query_never_reach_the_request_line() -> None:
+    """A query holding CR, LF or a tab (a sessionWebhook comes from the platform's payload)
+    cannot split the request: the line breaks are dropped, as urlsplit does."""
+    heads: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, _ = await _read_request(reader)
+            heads.append(head)
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await writer.drain()
+
+    server, url = await _serve_raw(handler)
+    async with server, HTTPClient() as client:
+        for query in ("session=x\r\nX-Evil: 1", "a=1\tb=2", "s=\n"):
+            (await client.request("POST", f"{url}/hook?{query}", body=b"")).release()
+    assert [h.split(b"\r\n", 1)[0] for h in heads] == [
+        b"POST /hook?session=xX-Evil: 1 HTTP/1.1",
+        b"POST /hook?a=1b=2 HTTP/1.1",
+        b"POST /hook?s= HTTP/1.1",
+    ]
+    assert not any(b"\r\nX-Evil" in h for h in heads)
+
+
 def test_http_rejects_bad_urls_and_header_injection() -> None:
     """Relative or non-http URLs and header values with line breaks never reach a socket."""
 

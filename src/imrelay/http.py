@@ -465,7 +465,9 @@ class HTTPClient:
         if cached is not None:
             return cached
         base, mark, query = url.partition("?")
-        if mark and query and "#" not in url:  # e.g. a sessionWebhook: its base is cached
+        # e.g. a sessionWebhook: its base is cached. Only a plain query: urlsplit strips tabs
+        # and line breaks, and a line break must never reach the request line
+        if mark and query and "#" not in url and query.isascii() and query.isprintable():
             cached = self._origins.get(base)
             if cached is None:
                 cached = self._split(base)
@@ -496,6 +498,8 @@ class HTTPClient:
         body: bytes | None,
         headers: Mapping[str, str] | None,
     ) -> bytes:
+        if "\r" in target or "\n" in target:
+            raise ValueError("the request target holds a line break")
         lines = [f"{method} {target} HTTP/1.1", f"Host: {origin.host_header}"]
         has_agent = False
         if headers:

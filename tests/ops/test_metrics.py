@@ -224,8 +224,9 @@ def test_fast_histogram_exposes_what_prometheus_client_does() -> None:
 
 
 def test_fast_histogram_refuses_bad_buckets_and_labels() -> None:
-    """Buckets must be finite, distinct and ascending; a child needs every label value."""
-    for buckets in ((), (1.0, 0.5), (0.5, 0.5), (1.0, float("inf"))):
+    """Buckets must be finite, not negative, distinct and ascending; a child needs every
+    label value."""
+    for buckets in ((), (1.0, 0.5), (0.5, 0.5), (1.0, float("inf")), (-1.0, 1.0)):
         with pytest.raises(ValueError, match="buckets"):
             FastHistogram("x", "h", ["a"], buckets=buckets, registry=CollectorRegistry())
     h = FastHistogram("x", "h", ["a", "b"], buckets=(1.0,), registry=CollectorRegistry())

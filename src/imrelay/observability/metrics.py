@@ -85,7 +85,7 @@ class FastHistogram(Collector):
         name: the metric name.
         documentation: its help text.
         labelnames: its label names.
-        buckets: the upper bounds, ascending (``+Inf`` is added).
+        buckets: the upper bounds, ascending, from 0 up (``+Inf`` is added).
         registry: where it is registered.
     """
 
@@ -99,8 +99,13 @@ class FastHistogram(Collector):
         registry: CollectorRegistry,
     ) -> None:
         bounds = tuple(float(b) for b in buckets)
-        if not bounds or list(bounds) != sorted(set(bounds)) or bounds[-1] == float("inf"):
-            raise ValueError("buckets must be finite, distinct and ascending")
+        if (
+            not bounds
+            or list(bounds) != sorted(set(bounds))
+            or bounds[0] < 0  # the exposition would lose _count and _sum (prometheus_client)
+            or bounds[-1] == float("inf")
+        ):
+            raise ValueError("buckets must be finite, not negative, distinct and ascending")
         self._name = name
         self._documentation = documentation
         self._labelnames = tuple(labelnames)

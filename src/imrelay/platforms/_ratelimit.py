@@ -134,7 +134,7 @@ class TokenBucket:
             The seconds spent waiting (0.0 when a token was there at once).
         """
         started = self._clock()
-        waited = self._lock.locked()  # behind earlier callers
+        waited = self._waiters > 0 or self._lock.locked()  # behind earlier callers
         self._waiters += 1
         try:
             async with self._lock:

@@ -18,7 +18,7 @@ spent ~15 % more CPU per message on the handoffs). What does wait for the disk i
 checkpoint (copying the WAL back into the database, with an fsync), so automatic checkpoints
 are turned off on this connection and a background task runs a ``PASSIVE`` checkpoint on a
 connection of its own, in a worker thread, every ``checkpoint_interval_s`` after writes; a
-passive checkpoint never blocks the writer.
+passive checkpoint never blocks the writer (the held one below makes it wait on purpose).
 
 SQLite starts the WAL again from its beginning only when a write finds every frame of it copied
 into the database. Under steady load some commit always lands while a checkpoint runs, so the
@@ -29,7 +29,9 @@ happened during the background copy, a second copy catches up with them, and a t
 last few frames while the writer holds its next transaction back (it runs in the worker thread
 too; reads go on, writes queue for its 5–40 ms, mostly two fsyncs on a busy disk). The next
 commit then restarts the WAL. At 1,500 messages/s that is one hold every ~2 s; under light
-load a checkpoint usually finds no commit beside it and the WAL restarts without one. A WAL
+load a checkpoint usually finds no commit beside it and the WAL restarts without one. While
+another connection keeps an old snapshot open (a long read by another process), the held copy
+cannot finish and the WAL cannot restart: the writer is then not held again for 30 s. A WAL
 file that grew beyond 512 MiB (``journal_size_limit``) is trimmed when it restarts; in steady
 operation it stays below that, since trimming happens on the writer's own (event-loop) thread.
 
@@ -64,6 +66,7 @@ _MAX_BATCH: Final = 1024
 _CHECKPOINT_INTERVAL_S: Final = 1.0
 _RESTART_FRAMES: Final = 32768  # WAL frames (128 MiB of 4 KiB pages) that call for a restart
 _WAL_SIZE_LIMIT: Final = 512 * 1024 * 1024  # a WAL file larger than this is trimmed at restart
+_HOLD_BACKOFF_S: Final = 30.0  # after a held copy a reader kept from finishing
 
 
 @dataclass(slots=True)
@@ -115,13 +118,15 @@ class GroupWriter(Generic[_I, _R]):
         self._checkpointer: asyncio.Task[None] | None = None
         self._dirty = asyncio.Event()
         self._hold: asyncio.Future[None] | None = None  # set: begin no transaction until done
-        self._thread_work: asyncio.Future[int] | None = None  # the checkpoint in a thread
+        self._thread_work: asyncio.Future[tuple[int, int]] | None = None  # a checkpoint thread
         self._restart_frames = restart_frames
+        self._hold_again_at = 0.0  # loop time before which no checkpoint holds the writer
         self.closed = False
         self.commits = 0
         """Transactions committed so far (each may hold many items)."""
         self.checkpoints = 0
-        """Background checkpoints run so far."""
+        """Rounds of background checkpoints that ran (each a copy, and at times a catch-up and
+        a held copy after it)."""
         self.held_checkpoints = 0
         """Checkpoints run while the writer held its next transaction back (see the module
         docstring)."""
@@ -231,8 +236,7 @@ class GroupWriter(Generic[_I, _R]):
                 break
             if self._queue.empty() and self._linger > 0:
                 await asyncio.sleep(self._linger)
-            hold = self._hold
-            if hold is not None:  # a checkpoint is copying the last frames: wait for it
+            while (hold := self._hold) is not None:  # a checkpoint copies the last frames
                 await asyncio.shield(hold)
             batch = [first]
             while len(batch) < self._max_batch and not self._queue.empty():
@@ -270,14 +274,20 @@ class GroupWriter(Generic[_I, _R]):
             self._dirty.clear()
             commits = self.commits
             try:
-                frames = await self._in_thread(self._checkpoint)
+                frames, _ = await self._in_thread(self._checkpoint)
                 self.checkpoints += 1
                 # commits meanwhile keep the WAL from restarting: once it is long, copy what
                 # they wrote (a catch-up first, so that the writer is held for only the last few
                 # frames and the disk is not still busy with the bulk copy)
-                if self.commits != commits and frames >= self._restart_frames:
+                if (
+                    self.commits != commits
+                    and frames >= self._restart_frames
+                    and self._loop_time() >= self._hold_again_at
+                ):
+                    commits = self.commits
                     await self._in_thread(self._checkpoint)
-                    await self._held_checkpoint()
+                    if self.commits != commits:  # else the next commit restarts it anyway
+                        await self._held_checkpoint()
             except (sqlite3.Error, OSError) as exc:  # retried after the next writes
                 logger.warning("%s: wal checkpoint failed: %s", self.name, exc)
             await asyncio.sleep(self._checkpoint_interval_s)
@@ -295,8 +305,11 @@ class GroupWriter(Generic[_I, _R]):
                 hold.set_result(None)
 
         try:
-            await self._in_thread(self._checkpoint)
+            _, left = await self._in_thread(self._checkpoint)
             self.held_checkpoints += 1
+            if left:  # a reader's snapshot kept frames back: the WAL cannot restart while it
+                # lasts, so do not hold the writer every interval meanwhile
+                self._hold_again_at = self._loop_time() + _HOLD_BACKOFF_S
         finally:
             work = self._thread_work
             if work is not None and not work.done():  # cancelled: held until the thread ends
@@ -304,17 +317,24 @@ class GroupWriter(Generic[_I, _R]):
             else:
                 release()
 
-    async def _in_thread(self, fn: Callable[[], int]) -> int:
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
+
+    async def _in_thread(self, fn: Callable[[], tuple[int, int]]) -> tuple[int, int]:
         work = self._thread_work = asyncio.ensure_future(asyncio.to_thread(fn))
         return await asyncio.shield(work)  # cancelling the wait leaves the thread running
 
-    def _checkpoint(self) -> int:
+    def _checkpoint(self) -> tuple[int, int]:
         """Copy the WAL into the database (in a worker thread, on a connection of its own);
-        return how many frames the WAL holds."""
+        return how many frames the WAL holds, and how many of them the copy could not take
+        (a reader's snapshot keeps them)."""
         assert self._path is not None  # nosec B101  # the loop only runs with a file
         conn = sqlite3.connect(self._path, timeout=5.0, isolation_level=None)
         try:
             row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         finally:
             conn.close()
-        return int(row[1]) if row is not None and row[1] is not None else 0
+        if row is None or row[1] is None or row[2] is None or row[1] < 0:
+            return 0, 0
+        return int(row[1]), int(row[1]) - int(row[2])
