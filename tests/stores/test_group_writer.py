@@ -1,6 +1,6 @@
 """The grouped-commit writer's WAL housekeeping: under steady writes the WAL still restarts
-(it does not grow without bound), a held checkpoint keeps commits out while it runs, and
-closing waits for a checkpoint thread."""
+(it does not grow without bound), the writer copies the last frames itself between two
+transactions, and closing waits for a checkpoint thread."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from imrelay.stores._writer import GroupWriter, Outcome
 
@@ -41,6 +42,14 @@ def _wal_frames(path: Path) -> int:
     return int(row[1])
 
 
+def _wal_number(path: Path) -> int:
+    """The WAL header's checkpoint sequence number: SQLite adds one each time it starts the
+    WAL from its beginning (read from the file, so that nothing is checkpointed)."""
+    with open(f"{path}-wal", "rb") as wal:
+        header = wal.read(16)
+    return int.from_bytes(header[12:16], "big")
+
+
 class _SlowCheckpoints(GroupWriter[bytes, None]):
     """Checkpoints that take ``delay_s`` in their thread and note the commits made meanwhile."""
 
@@ -54,19 +63,34 @@ class _SlowCheckpoints(GroupWriter[bytes, None]):
             **kwargs,  # type: ignore[arg-type]
         )
         self.delay_s = delay_s
-        self.during_held: list[int] = []  # commits made while a held checkpoint ran
         self.running = threading.Event()
+        self.last: list[tuple[bool, int]] = []  # per last copy: in a transaction?, WAL number
+        self.first_after: list[int] = []  # the WAL's number after the commit that followed one
 
     def _checkpoint(self) -> tuple[int, int]:
-        held = self._hold is not None
-        before = self.commits
         self.running.set()
         time.sleep(self.delay_s)
         frames = super()._checkpoint()
-        if held:
-            self.during_held.append(self.commits - before)
         self.running.clear()
         return frames
+
+    def _copy_last_frames(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        in_transaction = conn.in_transaction
+        self.last.append((in_transaction, _wal_number(self.path_)))
+        super()._copy_last_frames()
+
+    def _commit(self, batch: list[Any]) -> None:
+        after_last = len(self.last) > len(self.first_after)
+        super()._commit(batch)
+        if after_last:
+            self.first_after.append(_wal_number(self.path_))
+
+    @property
+    def path_(self) -> Path:
+        assert self._path is not None
+        return Path(self._path)
 
 
 async def _write_steadily(writer: GroupWriter[bytes, None], seconds: float) -> int:
@@ -86,9 +110,9 @@ async def _write_steadily(writer: GroupWriter[bytes, None], seconds: float) -> i
 
 async def test_wal_restarts_under_steady_writes(tmp_path: Path) -> None:
     """Commits land during every background checkpoint, so SQLite alone would never start the
-    WAL again; once it holds ``restart_frames``, a held checkpoint lets the next commit restart
-    it, and the WAL stays near that size (plus what a few intervals write) however much is
-    written."""
+    WAL again; once it holds ``restart_frames``, the writer's copy of the last frames lets the
+    next commit restart it, and the WAL stays near that size (plus what a few intervals write)
+    however much is written."""
     path = tmp_path / "w.db"
     writer = _SlowCheckpoints(path, 0.01, checkpoint_interval_s=0.02, restart_frames=300)
     await writer.open()
@@ -97,27 +121,34 @@ async def test_wal_restarts_under_steady_writes(tmp_path: Path) -> None:
         frames = _wal_frames(path)
     finally:
         await writer.aclose()
-    assert writer.held_checkpoints >= 2
+    assert writer.last_copies >= 2
     # without restarts the WAL holds a frame or more per row written; with them, a few
     # checkpoint intervals' worth
     assert frames < written / 5, f"{frames} WAL frames for {written} rows"
 
 
-async def test_held_checkpoint_keeps_commits_out(tmp_path: Path) -> None:
-    """While a held checkpoint runs, writes queue; they commit once it is over."""
+async def test_writer_copies_the_last_frames_between_transactions(tmp_path: Path) -> None:
+    """The last copy runs on the writer's connection outside any transaction, leaves the WAL
+    with no frame the database lacks, and the next commit starts the WAL from its beginning."""
     path = tmp_path / "w.db"
-    writer = _SlowCheckpoints(path, 0.05, checkpoint_interval_s=0.01, restart_frames=1)
+    writer = _SlowCheckpoints(path, 0.02, checkpoint_interval_s=0.01, restart_frames=1)
     await writer.open()
     try:
         await _write_steadily(writer, 0.8)
     finally:
         await writer.aclose()
-    assert writer.during_held, "no held checkpoint ran"
-    assert writer.during_held == [0] * len(writer.during_held)
+    assert writer.last, "the writer never copied the last frames"
+    assert writer.last_copies == len(writer.last)
+    assert writer.last_copy_s > 0
+    # the commit after each last copy started the WAL again
+    assert len(writer.first_after) == len(writer.last)
+    for (in_transaction, before), after in zip(writer.last, writer.first_after, strict=True):
+        assert not in_transaction
+        assert after > before
 
 
-async def test_short_wal_is_not_held(tmp_path: Path) -> None:
-    """Below ``restart_frames`` no checkpoint holds the writer back."""
+async def test_short_wal_is_left_to_the_background(tmp_path: Path) -> None:
+    """Below ``restart_frames`` the writer never copies frames itself."""
     path = tmp_path / "w.db"
     writer = _SlowCheckpoints(path, 0.005, checkpoint_interval_s=0.01, restart_frames=10**9)
     await writer.open()
@@ -126,7 +157,7 @@ async def test_short_wal_is_not_held(tmp_path: Path) -> None:
         assert writer.checkpoints >= 2
     finally:
         await writer.aclose()
-    assert writer.held_checkpoints == 0
+    assert writer.last_copies == 0
 
 
 async def test_close_waits_for_a_checkpoint_thread(tmp_path: Path) -> None:
@@ -146,8 +177,8 @@ async def test_close_waits_for_a_checkpoint_thread(tmp_path: Path) -> None:
 
 
 async def test_a_reader_that_keeps_the_wal_is_not_fought_every_interval(tmp_path: Path) -> None:
-    """While another connection holds an old snapshot the WAL cannot restart: after a held
-    copy that could not finish, the writer is not held again for a while."""
+    """While another connection holds an old snapshot the WAL cannot restart: after a
+    last copy that could not finish, the writer is not asked again for a while."""
     path = tmp_path / "w.db"
     writer = _SlowCheckpoints(path, 0.002, checkpoint_interval_s=0.01, restart_frames=1)
     await writer.open()
@@ -161,7 +192,7 @@ async def test_a_reader_that_keeps_the_wal_is_not_fought_every_interval(tmp_path
         reader.close()
         await writer.aclose()
     assert writer.checkpoints >= 10
-    assert writer.held_checkpoints == 1
+    assert writer.last_copies == 1
 
 
 async def test_writer_sets_a_wal_size_limit(tmp_path: Path) -> None:
@@ -176,3 +207,66 @@ async def test_writer_sets_a_wal_size_limit(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_size_limit").fetchone() == (512 * 1024 * 1024,)
     finally:
         await writer.aclose()
+
+
+class _ScriptedCopies(GroupWriter[bytes, None]):
+    """Background copies that report scripted WAL lengths, each as if a commit landed during
+    it; records the order of background copies and the writer's last copy."""
+
+    def __init__(self, path: Path, lengths: list[int]) -> None:
+        super().__init__(
+            "test",
+            connect=lambda: _connect(path),
+            commit=_insert,
+            linger_s=0.0,
+            path=str(path),
+            checkpoint_interval_s=3600.0,
+            restart_frames=1000,
+        )
+        self.lengths = list(lengths)
+        self.events: list[str] = []
+
+    def _checkpoint(self) -> tuple[int, int]:
+        self.events.append("copy")
+        self.commits += 1  # a commit during every copy: the WAL never restarts by itself
+        return (self.lengths.pop(0) if self.lengths else 0), 0
+
+    def _copy_last_frames(self) -> None:
+        if self._restart is not None:
+            self.events.append("last")
+        super()._copy_last_frames()
+
+
+async def _run_script(path: Path, lengths: list[int]) -> list[str]:
+    writer = _ScriptedCopies(path, lengths)
+    await writer.open()
+    try:
+        await writer.submit(_ROW)  # wakes the checkpoint task
+        async with asyncio.timeout(5):
+            while writer._restart is None:
+                await asyncio.sleep(0.001)
+        await writer.submit(_ROW)  # the writer copies before this one's transaction
+    finally:
+        await writer.aclose()
+    return writer.events
+
+
+async def test_catch_up_copies_stop_once_one_was_short(tmp_path: Path) -> None:
+    """Catch-up copies go on while each copied many frames; the first one that copied at most
+    256 (what came during the copy before it) leaves the rest to the writer."""
+    events = await _run_script(tmp_path / "w.db", [40_000, 42_000, 42_800, 43_000])
+    assert events == ["copy"] + ["copy"] * 3 + ["last"]
+
+
+async def test_catch_up_copies_stop_when_writes_keep_pace(tmp_path: Path) -> None:
+    """A catch-up that copied more than half of what the one before copied shows the writes
+    keeping pace with the copies: the writer copies the rest at once."""
+    events = await _run_script(tmp_path / "w.db", [40_000, 42_000, 43_500, 44_900])
+    assert events == ["copy"] + ["copy"] * 2 + ["last"]
+
+
+async def test_catch_up_copies_are_bounded(tmp_path: Path) -> None:
+    """Five catch-up copies at most, however they shrink, then the writer copies."""
+    lengths = [40_000, 48_000, 52_000, 54_000, 55_000, 55_500, 55_750, 55_870]
+    events = await _run_script(tmp_path / "w.db", lengths)
+    assert events == ["copy"] + ["copy"] * 5 + ["last"]

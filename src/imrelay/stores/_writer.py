@@ -17,23 +17,28 @@ interval for it every time, so a busy gateway saw store round trips of 50 ms and
 spent ~15 % more CPU per message on the handoffs). What does wait for the disk is the WAL
 checkpoint (copying the WAL back into the database, with an fsync), so automatic checkpoints
 are turned off on this connection and a background task runs a ``PASSIVE`` checkpoint on a
-connection of its own, in a worker thread, every ``checkpoint_interval_s`` after writes; a
-passive checkpoint never blocks the writer (the held one below makes it wait on purpose).
+connection of its own, in a worker thread, every ``checkpoint_interval_s`` after writes, and
+flushes the database file; a passive checkpoint never blocks the writer.
 
 SQLite starts the WAL again from its beginning only when a write finds every frame of it copied
 into the database. Under steady load some commit always lands while a checkpoint runs, so the
 WAL never restarted: it grew by ~40 MB a second at 1,200 messages/s, without bound, and the
 writer's cost per message doubled within a minute (appending to an ever longer file and its
 index). So once the WAL holds ``restart_frames`` (32,768 pages, 128 MiB at 4 KiB) and commits
-happened during the background copy, a second copy catches up with them, and a third copies the
-last few frames while the writer holds its next transaction back (it runs in the worker thread
-too; reads go on, writes queue for its 5–40 ms, mostly two fsyncs on a busy disk). The next
-commit then restarts the WAL. At 1,500 messages/s that is one hold every ~2 s; under light
-load a checkpoint usually finds no commit beside it and the WAL restarts without one. While
-another connection keeps an old snapshot open (a long read by another process), the held copy
-cannot finish and the WAL cannot restart: the writer is then not held again for 30 s. A WAL
-file that grew beyond 512 MiB (``journal_size_limit``) is trimmed when it restarts; in steady
-operation it stays below that, since trimming happens on the writer's own (event-loop) thread.
+happened during the background copy, catch-up copies follow (in the worker thread, up to five,
+while each copies at most half as much as the one before) until one copied few frames; then the
+writer itself, before it begins its next transaction, copies the last frames on its own
+connection, on the event loop: no commit can land in between, so that
+transaction restarts the WAL. That last copy blocks the loop for 1–4 ms (a few hundred pages
+and two small fsyncs). It used to run in the worker thread while the writer waited: the thread
+needed the GIL back after each SQLite call, which a busy loop hands over once per switch
+interval (5 ms), and it flushed everything copied since the last restart, so writes were held
+for 5–40 ms. At 1,500 messages/s the WAL restarts every ~2 s; under light load a checkpoint
+usually finds no commit beside it and the WAL restarts without any of this. While
+another connection keeps an old snapshot open (a long read by another process), the copy cannot
+finish and the WAL cannot restart: the writer is then not asked again for 30 s. A WAL file that
+grew beyond 512 MiB (``journal_size_limit``) is trimmed when it restarts; in steady operation it
+stays below that, since trimming happens on the writer's own (event-loop) thread.
 
 Reads go through :meth:`GroupWriter.call` and see every committed write. :meth:`aclose`
 commits what is queued, checkpoints, then closes the connection.
@@ -44,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,7 +72,9 @@ _MAX_BATCH: Final = 1024
 _CHECKPOINT_INTERVAL_S: Final = 1.0
 _RESTART_FRAMES: Final = 32768  # WAL frames (128 MiB of 4 KiB pages) that call for a restart
 _WAL_SIZE_LIMIT: Final = 512 * 1024 * 1024  # a WAL file larger than this is trimmed at restart
-_HOLD_BACKOFF_S: Final = 30.0  # after a held copy a reader kept from finishing
+_RESTART_BACKOFF_S: Final = 30.0  # after a last copy a reader kept from finishing
+_CATCH_UP_ROUNDS: Final = 5  # background copies before the writer copies the rest itself
+_LAST_COPY_FRAMES: Final = 256  # a catch-up this short leaves few enough for the writer
 
 
 @dataclass(slots=True)
@@ -89,8 +97,8 @@ class GroupWriter(Generic[_I, _R]):
             no checkpoints).
         max_batch: the most items in one transaction.
         checkpoint_interval_s: how often, while writes happen, the WAL is checkpointed.
-        restart_frames: how long the WAL may grow (in frames, one per page written) before a
-            checkpoint holds the writer back so that it restarts (see the module docstring).
+        restart_frames: how long the WAL may grow (in frames, one per page written) before the
+            writer copies its last frames itself so that it restarts (see the module docstring).
     """
 
     def __init__(
@@ -117,19 +125,22 @@ class GroupWriter(Generic[_I, _R]):
         self._task: asyncio.Task[None] | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         self._dirty = asyncio.Event()
-        self._hold: asyncio.Future[None] | None = None  # set: begin no transaction until done
+        # set: copy the WAL's last frames before the next transaction, then resolve it
+        self._restart: asyncio.Future[tuple[int, int]] | None = None
         self._thread_work: asyncio.Future[tuple[int, int]] | None = None  # a checkpoint thread
         self._restart_frames = restart_frames
-        self._hold_again_at = 0.0  # loop time before which no checkpoint holds the writer
+        self._restart_again_at = 0.0  # loop time before which the writer is not asked again
         self.closed = False
         self.commits = 0
         """Transactions committed so far (each may hold many items)."""
         self.checkpoints = 0
-        """Rounds of background checkpoints that ran (each a copy, and at times a catch-up and
-        a held copy after it)."""
-        self.held_checkpoints = 0
-        """Checkpoints run while the writer held its next transaction back (see the module
-        docstring)."""
+        """Rounds of background checkpoints that ran (each a copy, and at times catch-ups and
+        the writer's last copy after it)."""
+        self.last_copies = 0
+        """Copies of the WAL's last frames the writer made on its own connection, between two
+        transactions, so that the next one restarts the WAL (see the module docstring)."""
+        self.last_copy_s = 0.0
+        """How long the latest of them took (seconds, on the event loop)."""
 
     @property
     def is_open(self) -> bool:
@@ -236,8 +247,8 @@ class GroupWriter(Generic[_I, _R]):
                 break
             if self._queue.empty() and self._linger > 0:
                 await asyncio.sleep(self._linger)
-            while (hold := self._hold) is not None:  # a checkpoint copies the last frames
-                await asyncio.shield(hold)
+            if self._restart is not None:  # before this transaction begins: see the docstring
+                self._copy_last_frames()
             batch = [first]
             while len(batch) < self._max_batch and not self._queue.empty():
                 queued = self._queue.get_nowait()
@@ -246,6 +257,28 @@ class GroupWriter(Generic[_I, _R]):
                     break
                 batch.append(queued)
             self._commit(batch)
+        request, self._restart = self._restart, None
+        if request is not None and not request.done():  # closing: the next one will do it
+            request.set_result((0, 0))
+
+    def _copy_last_frames(self) -> None:
+        """Copy the frames the WAL holds beyond the database, on the writer's connection and
+        outside any transaction, so that the next transaction starts the WAL again."""
+        request, self._restart = self._restart, None
+        conn = self._conn
+        if request is None or conn is None:
+            return
+        started = self._loop_time()
+        try:
+            row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            if not request.done():
+                request.set_exception(exc)
+            return
+        self.last_copies += 1
+        self.last_copy_s = self._loop_time() - started
+        if not request.done():
+            request.set_result(_frames(row))
 
     def _commit(self, batch: list[_Queued[_I]]) -> None:
         conn = self._conn
@@ -277,45 +310,37 @@ class GroupWriter(Generic[_I, _R]):
                 frames, _ = await self._in_thread(self._checkpoint)
                 self.checkpoints += 1
                 # commits meanwhile keep the WAL from restarting: once it is long, copy what
-                # they wrote (a catch-up first, so that the writer is held for only the last few
-                # frames and the disk is not still busy with the bulk copy)
+                # they wrote, then have the writer copy the last frames (see the docstring)
                 if (
                     self.commits != commits
                     and frames >= self._restart_frames
-                    and self._loop_time() >= self._hold_again_at
+                    and self._loop_time() >= self._restart_again_at
                 ):
-                    commits = self.commits
-                    await self._in_thread(self._checkpoint)
-                    if self.commits != commits:  # else the next commit restarts it anyway
-                        await self._held_checkpoint()
+                    await self._restart_wal(frames)
             except (sqlite3.Error, OSError) as exc:  # retried after the next writes
                 logger.warning("%s: wal checkpoint failed: %s", self.name, exc)
             await asyncio.sleep(self._checkpoint_interval_s)
 
-    async def _held_checkpoint(self) -> None:
-        """Checkpoint while the writer begins no transaction, so that the WAL holds no frame
-        the database lacks and the next commit starts it from the beginning."""
-        hold: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._hold = hold
-
-        def release(_: object = None) -> None:
-            if self._hold is hold:
-                self._hold = None
-            if not hold.done():
-                hold.set_result(None)
-
-        try:
-            _, left = await self._in_thread(self._checkpoint)
-            self.held_checkpoints += 1
-            if left:  # a reader's snapshot kept frames back: the WAL cannot restart while it
-                # lasts, so do not hold the writer every interval meanwhile
-                self._hold_again_at = self._loop_time() + _HOLD_BACKOFF_S
-        finally:
-            work = self._thread_work
-            if work is not None and not work.done():  # cancelled: held until the thread ends
-                work.add_done_callback(release)
-            else:
-                release()
+    async def _restart_wal(self, frames: int) -> None:
+        """Catch up with the commits made during the copy that found ``frames`` in the WAL,
+        then let the writer copy the rest before its next transaction."""
+        previous = None  # frames the catch-up before copied
+        for _ in range(_CATCH_UP_ROUNDS):
+            commits = self.commits
+            log, _ = await self._in_thread(self._checkpoint)
+            if self.commits == commits:  # nothing was written since: the next commit restarts
+                return
+            caught_up, frames = log - frames, log
+            if caught_up <= _LAST_COPY_FRAMES:  # a short copy: fewer still came during it
+                break
+            if previous is not None and caught_up > previous // 2:  # writes keep pace with
+                break  # the copies (a bulk load): more rounds would not leave less
+            previous = caught_up
+        request = self._restart = asyncio.get_running_loop().create_future()
+        _, left = await request
+        if left:  # a reader's snapshot kept frames back: the WAL cannot restart while it lasts,
+            # so do not ask the writer every interval meanwhile
+            self._restart_again_at = self._loop_time() + _RESTART_BACKOFF_S
 
     @staticmethod
     def _loop_time() -> float:
@@ -326,15 +351,31 @@ class GroupWriter(Generic[_I, _R]):
         return await asyncio.shield(work)  # cancelling the wait leaves the thread running
 
     def _checkpoint(self) -> tuple[int, int]:
-        """Copy the WAL into the database (in a worker thread, on a connection of its own);
-        return how many frames the WAL holds, and how many of them the copy could not take
-        (a reader's snapshot keeps them)."""
+        """Copy the WAL into the database (in a worker thread, on a connection of its own),
+        then flush the database file to the disk; return how many frames the WAL holds, and
+        how many of them the copy could not take (a reader's snapshot keeps them).
+
+        SQLite flushes the database only after a copy that reached the WAL's end, which under
+        steady load no background copy does: without the flush here the writer's last copy
+        (see the module docstring) flushed everything copied since the WAL last restarted,
+        tens of megabytes, for 15-40 ms on the event loop.
+        """
         assert self._path is not None  # nosec B101  # the loop only runs with a file
         conn = sqlite3.connect(self._path, timeout=5.0, isolation_level=None)
         try:
             row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         finally:
             conn.close()
-        if row is None or row[1] is None or row[2] is None or row[1] < 0:
-            return 0, 0
-        return int(row[1]), int(row[1]) - int(row[2])
+        fd = os.open(self._path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return _frames(row)
+
+
+def _frames(row: Any) -> tuple[int, int]:
+    """``(frames in the WAL, frames not copied)`` from a ``wal_checkpoint`` row."""
+    if row is None or row[1] is None or row[2] is None or row[1] < 0:
+        return 0, 0
+    return int(row[1]), int(row[1]) - int(row[2])
