@@ -188,3 +188,39 @@ def test_tokens_estimate_range_edges(code: int) -> None:
     """Every range's first and last code point, and their neighbours, count as is_cjk says."""
     text = chr(code) * 4
     assert estimate_tokens(text) == (4 if is_cjk(chr(code)) else 1)
+
+
+def test_tokens_tokenizer_counts_are_remembered(tmp_path: Path) -> None:
+    """A text counted before is not encoded again (every message counts its whole history)."""
+    counter = TokenizerCounter(train_tokenizer(tmp_path))
+    encoded = counter.encoded
+    assert counter.count("alpha beta gamma") == 3
+    assert counter.encoded == encoded + 1
+    for _ in range(5):
+        assert counter.count("alpha beta gamma") == 3
+    assert counter.count("alpha beta") == 2
+    assert counter.encoded == encoded + 2
+
+
+def test_tokens_tokenizer_cache_is_bounded_in_characters(tmp_path: Path) -> None:
+    """The oldest counts go once the remembered texts exceed ``cache_chars``; a text longer
+    than a sixteenth of it is never remembered; 0 remembers nothing."""
+    path = train_tokenizer(tmp_path)
+    counter = TokenizerCounter(path, cache_chars=160)  # texts of at most 10 characters
+    texts = [f"alpha {i:04d}" for i in range(40)]  # 10 characters each: 16 fit
+    for text in texts:
+        assert counter.count(text) == 2
+    assert counter.encoded == 40
+    assert sum(len(t) for t in counter._counts) <= 160
+    assert counter.count(texts[-1]) == 2
+    assert counter.encoded == 40  # still remembered
+    assert counter.count(texts[0]) == 2
+    assert counter.encoded == 41  # pushed out, encoded again
+    long = "alpha beta "  # 11 characters: longer than a sixteenth of 160
+    assert counter.count(long) == 2
+    assert counter.count(long) == 2
+    assert counter.encoded == 43
+    none = TokenizerCounter(path, cache_chars=0)
+    none.count("alpha")
+    none.count("alpha")
+    assert none.encoded == 2
