@@ -428,6 +428,29 @@ async def test_send_session_webhook_unusable_url_names_no_session(
     assert info.value.__cause__ is None
 
 
+@pytest.mark.parametrize(
+    "url", ["file:///etc/passwd", "ftp://127.0.0.1/x", "http:robot", " http://127.0.0.1/", ""]
+)
+async def test_send_session_webhook_not_http_is_refused(
+    fake: tuple[FakeDingTalk, str], make_api: Callable[..., DingTalkAPI], url: str
+) -> None:
+    """A sessionWebhook that is not an absolute http(s) URL is refused before any request."""
+    state, _ = fake
+    with pytest.raises(PlatformAPIError, match="not an http") as info:
+        await make_api().send_session_webhook(url, {})
+    assert info.value.retryable is False
+    assert state.requests == []
+
+
+async def test_send_session_webhook_scheme_is_case_insensitive(
+    fake: tuple[FakeDingTalk, str], make_api: Callable[..., DingTalkAPI]
+) -> None:
+    """``HTTP://`` is an http URL (schemes are case-insensitive)."""
+    state, base = fake
+    await make_api().send_session_webhook("HTTP" + base[4:] + "/robot/sendBySession?s=1", {})
+    assert len(state.requests) == 1
+
+
 @pytest.mark.parametrize("errcode", [130101, 660026, 410100])
 async def test_send_session_webhook_throttled(
     fake: tuple[FakeDingTalk, str], make_api: Callable[..., DingTalkAPI], errcode: int

@@ -20,7 +20,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -307,7 +306,7 @@ class DingTalkAPI:
             PlatformAPIError: any other failure (``retryable`` for network errors, timeouts
                 and 5xx).
         """
-        if urlsplit(url).scheme not in ("http", "https"):
+        if not url[:8].lower().startswith(("http://", "https://")):  # urlsplit costs 3 µs
             raise PlatformAPIError("session webhook is not an http(s) url", platform=self.platform)
         status, _, parsed = await self._post(url, body, "session-webhook send")
         error = error_from_response(status, parsed, platform=self.platform)
