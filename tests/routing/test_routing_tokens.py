@@ -203,20 +203,21 @@ def test_tokens_tokenizer_counts_are_remembered(tmp_path: Path) -> None:
 
 
 def test_tokens_tokenizer_cache_is_bounded_in_characters(tmp_path: Path) -> None:
-    """The oldest counts go once the remembered texts exceed ``cache_chars``; a text longer
-    than a sixteenth of it is never remembered; 0 remembers nothing."""
+    """The oldest counts go once the remembered texts, each counting 100 characters more for
+    its entry, exceed ``cache_chars``; a text longer than a sixteenth of it is never
+    remembered; 0 remembers nothing."""
     path = train_tokenizer(tmp_path)
-    counter = TokenizerCounter(path, cache_chars=160)  # texts of at most 10 characters
-    texts = [f"alpha {i:04d}" for i in range(40)]  # 10 characters each: 16 fit
+    counter = TokenizerCounter(path, cache_chars=1760)  # entries of at most 110 characters
+    texts = [f"alpha {i:04d}" for i in range(40)]  # 10 + 100 characters each: 16 fit
     for text in texts:
         assert counter.count(text) == 2
     assert counter.encoded == 40
-    assert sum(len(t) for t in counter._counts) <= 160
+    assert len(counter._counts) == 16
     assert counter.count(texts[-1]) == 2
     assert counter.encoded == 40  # still remembered
     assert counter.count(texts[0]) == 2
     assert counter.encoded == 41  # pushed out, encoded again
-    long = "alpha beta "  # 11 characters: longer than a sixteenth of 160
+    long = "alpha beta "  # 11 + 100 characters: more than a sixteenth of 1760
     assert counter.count(long) == 2
     assert counter.count(long) == 2
     assert counter.encoded == 43

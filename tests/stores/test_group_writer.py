@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -64,13 +66,18 @@ class _SlowCheckpoints(GroupWriter[bytes, None]):
         )
         self.delay_s = delay_s
         self.running = threading.Event()
+        self.during_held: list[int] = []  # commits made while a held copy ran
         self.last: list[tuple[bool, int]] = []  # per last copy: in a transaction?, WAL number
         self.first_after: list[int] = []  # the WAL's number after the commit that followed one
 
     def _checkpoint(self) -> tuple[int, int]:
+        held = self._hold is not None
+        before = self.commits
         self.running.set()
         time.sleep(self.delay_s)
         frames = super()._checkpoint()
+        if held:
+            self.during_held.append(self.commits - before)
         self.running.clear()
         return frames
 
@@ -121,7 +128,7 @@ async def test_wal_restarts_under_steady_writes(tmp_path: Path) -> None:
         frames = _wal_frames(path)
     finally:
         await writer.aclose()
-    assert writer.last_copies >= 2
+    assert writer.last_copies + writer.held_copies >= 2
     # without restarts the WAL holds a frame or more per row written; with them, a few
     # checkpoint intervals' worth
     assert frames < written / 5, f"{frames} WAL frames for {written} rows"
@@ -134,7 +141,10 @@ async def test_writer_copies_the_last_frames_between_transactions(tmp_path: Path
     writer = _SlowCheckpoints(path, 0.02, checkpoint_interval_s=0.01, restart_frames=1)
     await writer.open()
     try:
-        await _write_steadily(writer, 0.8)
+        deadline = asyncio.get_running_loop().time() + 0.8
+        while asyncio.get_running_loop().time() < deadline:  # paced: catch-ups get short
+            await writer.submit(_ROW)
+            await asyncio.sleep(0.002)
     finally:
         await writer.aclose()
     assert writer.last, "the writer never copied the last frames"
@@ -145,6 +155,57 @@ async def test_writer_copies_the_last_frames_between_transactions(tmp_path: Path
     for (in_transaction, before), after in zip(writer.last, writer.first_after, strict=True):
         assert not in_transaction
         assert after > before
+
+
+async def test_held_copy_keeps_commits_out(tmp_path: Path) -> None:
+    """When writes keep pace with the catch-up copies (back to back here), the rest is copied in
+    the thread while writes queue: none commits during that copy, and the WAL still restarts."""
+    path = tmp_path / "w.db"
+    writer = _SlowCheckpoints(path, 0.05, checkpoint_interval_s=0.01, restart_frames=1)
+    await writer.open()
+    try:
+        await _write_steadily(writer, 0.8)
+    finally:
+        await writer.aclose()
+    assert writer.held_copies >= 1
+    assert writer.during_held == [0] * len(writer.during_held)
+    assert len(writer.during_held) == writer.held_copies
+
+
+async def test_checkpoint_flush_keeps_the_writers_locks(tmp_path: Path) -> None:
+    """The flush after a checkpoint must not drop the process's SQLite locks (closing any
+    descriptor of a file drops them): else another process that opens and closes the database
+    takes it for unused, copies and deletes the WAL, and commits made after that are lost to
+    every other reader."""
+    path = tmp_path / "w.db"
+    writer = _SlowCheckpoints(path, 0.0, checkpoint_interval_s=0.01)
+    await writer.open()
+    try:
+        await writer.submit(_ROW)
+        async with asyncio.timeout(5):
+            while writer.checkpoints < 2:
+                await writer.submit(_ROW)
+                await asyncio.sleep(0.02)
+        _other_process(path, "c.execute('SELECT COUNT(*) FROM t').fetchone()")
+        assert os.path.exists(f"{path}-wal")  # the other process saw the database in use
+        rows = writer.commits
+        await writer.submit(_ROW)
+        seen = _other_process(path, "print(c.execute('SELECT COUNT(*) FROM t').fetchone()[0])")
+        assert int(seen) == rows + 1
+    finally:
+        await writer.aclose()
+
+
+def _other_process(path: Path, code: str) -> str:
+    script = f"import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\n{code}\nc.close()\n"
+    done = subprocess.run(  # this interpreter, a fixed script
+        [sys.executable, "-c", script, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return done.stdout.strip()
 
 
 async def test_short_wal_is_left_to_the_background(tmp_path: Path) -> None:
@@ -227,7 +288,7 @@ class _ScriptedCopies(GroupWriter[bytes, None]):
         self.events: list[str] = []
 
     def _checkpoint(self) -> tuple[int, int]:
-        self.events.append("copy")
+        self.events.append("held copy" if self._hold is not None else "copy")
         self.commits += 1  # a commit during every copy: the WAL never restarts by itself
         return (self.lengths.pop(0) if self.lengths else 0), 0
 
@@ -243,7 +304,7 @@ async def _run_script(path: Path, lengths: list[int]) -> list[str]:
     try:
         await writer.submit(_ROW)  # wakes the checkpoint task
         async with asyncio.timeout(5):
-            while writer._restart is None:
+            while writer._restart is None and writer.held_copies == 0:
                 await asyncio.sleep(0.001)
         await writer.submit(_ROW)  # the writer copies before this one's transaction
     finally:
@@ -260,13 +321,14 @@ async def test_catch_up_copies_stop_once_one_was_short(tmp_path: Path) -> None:
 
 async def test_catch_up_copies_stop_when_writes_keep_pace(tmp_path: Path) -> None:
     """A catch-up that copied more than half of what the one before copied shows the writes
-    keeping pace with the copies: the writer copies the rest at once."""
+    keeping pace with the copies: the rest is copied in the thread while writes wait, not by
+    the writer on the loop."""
     events = await _run_script(tmp_path / "w.db", [40_000, 42_000, 43_500, 44_900])
-    assert events == ["copy"] + ["copy"] * 2 + ["last"]
+    assert events == ["copy"] + ["copy"] * 2 + ["held copy"]
 
 
 async def test_catch_up_copies_are_bounded(tmp_path: Path) -> None:
-    """Five catch-up copies at most, however they shrink, then the writer copies."""
+    """Five catch-up copies at most; if none was short, the thread copies the rest."""
     lengths = [40_000, 48_000, 52_000, 54_000, 55_000, 55_500, 55_750, 55_870]
     events = await _run_script(tmp_path / "w.db", lengths)
-    assert events == ["copy"] + ["copy"] * 5 + ["last"]
+    assert events == ["copy"] + ["copy"] * 5 + ["held copy"]

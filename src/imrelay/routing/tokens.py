@@ -102,12 +102,15 @@ class EstimateCounter:
 
 
 _CACHE_CHARS: Final = 4_000_000  # characters of counted texts a tokenizer counter remembers
+_ENTRY_CHARS: Final = 100  # what one remembered count costs besides its text, in characters
 
 
 class TokenizerCounter:
     """:class:`TokenCounter` with a model's own tokenizer (``tokenizer.json``), offline.
 
-    Counts are remembered per text (the newest texts, up to ``cache_chars`` characters in all):
+    Counts are remembered per text (the newest texts, up to ``cache_chars`` characters in all,
+    each text counting a hundred characters more for its entry: 4 million characters is about
+    4–8 MB for long texts, and at most 40,000 entries for short ones):
     every message counts the turns of its conversation's history again, and encoding costs
     tens of microseconds per hundred characters (a BPE vocabulary: 62 µs for 300 characters),
     so twenty turns of history cost a millisecond a message, more than the rest of the
@@ -173,14 +176,14 @@ class TokenizerCounter:
         return tokens
 
     def _remember(self, text: str, tokens: int) -> None:
-        size = len(text)
+        size = len(text) + _ENTRY_CHARS
         if size > self._cache_chars // 16:  # a text this long would push out too many others
             return
         counts = self._counts
         while counts and self._cached_chars + size > self._cache_chars:
             oldest = next(iter(counts))
             del counts[oldest]
-            self._cached_chars -= len(oldest)
+            self._cached_chars -= len(oldest) + _ENTRY_CHARS
         counts[text] = tokens
         self._cached_chars += size
 

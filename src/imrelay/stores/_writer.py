@@ -26,11 +26,14 @@ WAL never restarted: it grew by ~40 MB a second at 1,200 messages/s, without bou
 writer's cost per message doubled within a minute (appending to an ever longer file and its
 index). So once the WAL holds ``restart_frames`` (32,768 pages, 128 MiB at 4 KiB) and commits
 happened during the background copy, catch-up copies follow (in the worker thread, up to five,
-while each copies at most half as much as the one before) until one copied few frames; then the
-writer itself, before it begins its next transaction, copies the last frames on its own
-connection, on the event loop: no commit can land in between, so that
-transaction restarts the WAL. That last copy blocks the loop for 1–4 ms (a few hundred pages
-and two small fsyncs). It used to run in the worker thread while the writer waited: the thread
+while each copies at most half as much as the one before) until one copied few frames (256);
+then the writer itself, before it begins its next transaction, copies the last frames on its
+own connection, on the event loop: no commit can land in between, so that transaction starts
+the WAL again (unless another process reads an older snapshot). That last copy blocks the loop
+for 1–4 ms (a few hundred pages and two small fsyncs). When the catch-ups do not get that
+short (writes keep pace with them: a bulk load, or a slow disk), the rest is copied in the
+worker thread while writes wait instead, so the loop never copies much. The last copy used to
+run in the worker thread, with writes waiting, every time: the thread
 needed the GIL back after each SQLite call, which a busy loop hands over once per switch
 interval (5 ms), and it flushed everything copied since the last restart, so writes were held
 for 5–40 ms. At 1,500 messages/s the WAL restarts every ~2 s; under light load a checkpoint
@@ -51,6 +54,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
@@ -128,6 +132,11 @@ class GroupWriter(Generic[_I, _R]):
         # set: copy the WAL's last frames before the next transaction, then resolve it
         self._restart: asyncio.Future[tuple[int, int]] | None = None
         self._thread_work: asyncio.Future[tuple[int, int]] | None = None  # a checkpoint thread
+        self._hold: asyncio.Future[None] | None = None  # set: begin no transaction until done
+        # the database file, for flushing it after a checkpoint; opened once and closed only
+        # after the connection: closing any descriptor of a file drops the POSIX locks the
+        # process holds on it, SQLite's included
+        self._sync_fd: int | None = None
         self._restart_frames = restart_frames
         self._restart_again_at = 0.0  # loop time before which the writer is not asked again
         self.closed = False
@@ -141,6 +150,9 @@ class GroupWriter(Generic[_I, _R]):
         transactions, so that the next one restarts the WAL (see the module docstring)."""
         self.last_copy_s = 0.0
         """How long the latest of them took (seconds, on the event loop)."""
+        self.held_copies = 0
+        """Copies of the WAL's rest made in the worker thread while the writer waited, when
+        writes kept pace with the catch-up copies (a bulk load)."""
 
     @property
     def is_open(self) -> bool:
@@ -165,6 +177,13 @@ class GroupWriter(Generic[_I, _R]):
             except sqlite3.Error as exc:
                 conn.close()
                 raise StoreError(f"{self.name}: cannot configure sqlite: {exc}") from exc
+            try:
+                self._sync_fd = os.open(self._path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                conn.close()
+                raise StoreError(
+                    f"{self.name}: cannot open {self._path}: {exc.strerror}"
+                ) from None
         self._conn = conn
         task_name = "imrelay-" + self.name.replace(" ", "-")
         self._task = asyncio.create_task(self._run(), name=f"{task_name}-writer")
@@ -204,6 +223,9 @@ class GroupWriter(Generic[_I, _R]):
                 with contextlib.suppress(sqlite3.Error):  # best effort: the WAL stays valid
                     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             conn.close()
+        fd, self._sync_fd = self._sync_fd, None
+        if fd is not None:  # after the connection (see __init__)
+            os.close(fd)
 
     @property
     def connected(self) -> bool:
@@ -247,6 +269,8 @@ class GroupWriter(Generic[_I, _R]):
                 break
             if self._queue.empty() and self._linger > 0:
                 await asyncio.sleep(self._linger)
+            while (hold := self._hold) is not None:  # a thread copies the rest (a bulk load)
+                await asyncio.shield(hold)
             if self._restart is not None:  # before this transaction begins: see the docstring
                 self._copy_last_frames()
             batch = [first]
@@ -268,7 +292,7 @@ class GroupWriter(Generic[_I, _R]):
         conn = self._conn
         if request is None or conn is None:
             return
-        started = self._loop_time()
+        started = time.perf_counter()
         try:
             row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
@@ -276,7 +300,7 @@ class GroupWriter(Generic[_I, _R]):
                 request.set_exception(exc)
             return
         self.last_copies += 1
-        self.last_copy_s = self._loop_time() - started
+        self.last_copy_s = time.perf_counter() - started
         if not request.done():
             request.set_result(_frames(row))
 
@@ -325,6 +349,7 @@ class GroupWriter(Generic[_I, _R]):
         """Catch up with the commits made during the copy that found ``frames`` in the WAL,
         then let the writer copy the rest before its next transaction."""
         previous = None  # frames the catch-up before copied
+        short = False
         for _ in range(_CATCH_UP_ROUNDS):
             commits = self.commits
             log, _ = await self._in_thread(self._checkpoint)
@@ -332,15 +357,46 @@ class GroupWriter(Generic[_I, _R]):
                 return
             caught_up, frames = log - frames, log
             if caught_up <= _LAST_COPY_FRAMES:  # a short copy: fewer still came during it
+                short = True
                 break
             if previous is not None and caught_up > previous // 2:  # writes keep pace with
                 break  # the copies (a bulk load): more rounds would not leave less
             previous = caught_up
-        request = self._restart = asyncio.get_running_loop().create_future()
-        _, left = await request
+        if short:
+            request = self._restart = asyncio.get_running_loop().create_future()
+            try:
+                _, left = await request
+            except sqlite3.Error as exc:  # e.g. a statement of the connection still open
+                logger.warning("%s: the writer's wal copy failed: %s", self.name, exc)
+                left = 1
+        else:  # too much for the loop to copy: a thread copies it while writes wait
+            left = await self._held_copy()
         if left:  # a reader's snapshot kept frames back: the WAL cannot restart while it lasts,
             # so do not ask the writer every interval meanwhile
             self._restart_again_at = self._loop_time() + _RESTART_BACKOFF_S
+
+    async def _held_copy(self) -> int:
+        """Copy the WAL in the worker thread while the writer begins no transaction; return
+        how many frames the copy could not take."""
+        hold: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._hold = hold
+
+        def release(_: object = None) -> None:
+            if self._hold is hold:
+                self._hold = None
+            if not hold.done():
+                hold.set_result(None)
+
+        try:
+            _, left = await self._in_thread(self._checkpoint)
+            self.held_copies += 1
+            return left
+        finally:
+            work = self._thread_work
+            if work is not None and not work.done():  # cancelled: held until the thread ends
+                work.add_done_callback(release)
+            else:
+                release()
 
     @staticmethod
     def _loop_time() -> float:
@@ -366,11 +422,9 @@ class GroupWriter(Generic[_I, _R]):
             row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         finally:
             conn.close()
-        fd = os.open(self._path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-        try:
+        fd = self._sync_fd
+        if fd is not None:
             os.fsync(fd)
-        finally:
-            os.close(fd)
         return _frames(row)
 
 
