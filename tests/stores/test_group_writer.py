@@ -52,10 +52,10 @@ def _wal_number(path: Path) -> int:
     return int.from_bytes(header[12:16], "big")
 
 
-class _SlowCheckpoints(GroupWriter[bytes, None]):
-    """Checkpoints that take ``delay_s`` in their thread and note the commits made meanwhile."""
+class _TableWriter(GroupWriter[bytes, None]):
+    """Rows into table ``t`` of ``path``, committed without lingering."""
 
-    def __init__(self, path: Path, delay_s: float, **kwargs: object) -> None:
+    def __init__(self, path: Path, **kwargs: object) -> None:
         super().__init__(
             "test",
             connect=lambda: _connect(path),
@@ -64,6 +64,13 @@ class _SlowCheckpoints(GroupWriter[bytes, None]):
             path=str(path),
             **kwargs,  # type: ignore[arg-type]
         )
+
+
+class _SlowCheckpoints(_TableWriter):
+    """Checkpoints that take ``delay_s`` in their thread and note the commits made meanwhile."""
+
+    def __init__(self, path: Path, delay_s: float, **kwargs: object) -> None:
+        super().__init__(path, **kwargs)
         self.delay_s = delay_s
         self.running = threading.Event()
         self.during_held: list[int] = []  # commits made while a held copy ran
@@ -270,20 +277,12 @@ async def test_writer_sets_a_wal_size_limit(tmp_path: Path) -> None:
         await writer.aclose()
 
 
-class _ScriptedCopies(GroupWriter[bytes, None]):
+class _ScriptedCopies(_TableWriter):
     """Background copies that report scripted WAL lengths, each as if a commit landed during
     it; records the order of background copies and the writer's last copy."""
 
     def __init__(self, path: Path, lengths: list[int]) -> None:
-        super().__init__(
-            "test",
-            connect=lambda: _connect(path),
-            commit=_insert,
-            linger_s=0.0,
-            path=str(path),
-            checkpoint_interval_s=3600.0,
-            restart_frames=1000,
-        )
+        super().__init__(path, checkpoint_interval_s=3600.0, restart_frames=1000)
         self.lengths = list(lengths)
         self.events: list[str] = []
 

@@ -33,13 +33,13 @@ the WAL again (unless another process reads an older snapshot). That last copy b
 for 1–4 ms (a few hundred pages and two small fsyncs). When the catch-ups do not get that
 short (writes keep pace with them: a bulk load, or a slow disk), the rest is copied in the
 worker thread while writes wait instead, so the loop never copies much. The last copy used to
-run in the worker thread, with writes waiting, every time: the thread
-needed the GIL back after each SQLite call, which a busy loop hands over once per switch
-interval (5 ms), and it flushed everything copied since the last restart, so writes were held
-for 5–40 ms. At 1,500 messages/s the WAL restarts every ~2 s; under light load a checkpoint
-usually finds no commit beside it and the WAL restarts without any of this. While
-another connection keeps an old snapshot open (a long read by another process), the copy cannot
-finish and the WAL cannot restart: the writer is then not asked again for 30 s. A WAL file that
+run in the worker thread, with writes waiting, every time: the thread needed the GIL back after
+each SQLite call, which a busy loop hands over once per switch interval (5 ms), and it flushed
+everything copied since the last restart, so writes were held for 5–40 ms. At 1,500
+messages/s the WAL restarts every ~2 s; under light load a checkpoint usually finds no commit
+beside it and the WAL restarts without any of this. While another connection keeps an old
+snapshot open (a long read by another process), the copy cannot finish and the WAL cannot
+restart: the writer is then not asked again for 30 s. A WAL file that
 grew beyond 512 MiB (``journal_size_limit``) is trimmed when it restarts; in steady operation it
 stays below that, since trimming happens on the writer's own (event-loop) thread.
 
