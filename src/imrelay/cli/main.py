@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable
-from typing import Annotated, Literal
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from imrelay import __version__
+from imrelay._loop import keep_heap_settled, settle_heap
 from imrelay._loop import run as run_loop
-from imrelay._loop import settle_heap
 from imrelay.cli._common import ConfigOption, err, load_or_exit
 from imrelay.cli.audit import audit_app
 from imrelay.cli.bench import bench
@@ -237,7 +237,7 @@ def sim_dingtalk(  # nosec B107  # the simulator's own default credential
         async with sim:
             print(f"DingTalk simulator on {sim.base_url} (web chat: {sim.base_url}/)", flush=True)
             settle_heap()
-            await _until_signal()
+            await _until_signal(keep_heap_settled())
 
     run_loop(main())
 
@@ -266,7 +266,7 @@ def sim_model(
         async with sim:
             print(f"model simulator on {sim.base_url}", flush=True)
             settle_heap()
-            await _until_signal()
+            await _until_signal(keep_heap_settled())
 
     run_loop(main())
 
@@ -279,12 +279,20 @@ def demo(
     raise typer.Exit(run_demo(port=port))
 
 
-async def _until_signal() -> None:
+async def _until_signal(background: Coroutine[Any, Any, None] | None = None) -> None:
+    """Wait for SIGTERM or SIGINT, running ``background`` meanwhile (cancelled after)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    task = None if background is None else asyncio.create_task(background)
+    try:
+        await stop.wait()
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def main() -> None:
