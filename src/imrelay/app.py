@@ -244,10 +244,12 @@ class Gateway:
 
     async def _purge_loop(self) -> None:
         """Forget handled messages, their reply records and expired dedup keys once they are
-        older than ``storage.retention_s``: at start, then every hour (or a quarter of the
-        retention, if shorter). Unfinished messages are never purged."""
-        retention_s = self.settings.storage.retention_s
+        older than ``storage.retention_s``, and conversation turns older than
+        ``context.ttl_s`` (no load asks for them any more): at start, then every hour (or a
+        quarter of the shorter of the two, if less). Unfinished messages are never purged."""
         while True:
+            retention_s = self.settings.storage.retention_s  # a reload may change them
+            ttl_s = self.settings.context.ttl_s
             try:
                 purged = await self.store.purge(self.wall_clock() - retention_s)
             except StoreError as exc:  # tried again at the next interval
@@ -257,7 +259,14 @@ class Gateway:
                     logger.info(
                         "purged %d handled messages older than %s", purged, _age(retention_s)
                     )
-            await asyncio.sleep(min(_PURGE_INTERVAL_S, retention_s / 4))
+            try:
+                expired = await self.store.expire(self.wall_clock() - ttl_s)
+            except StoreError as exc:
+                logger.warning("context purge failed: %s", exc)
+            else:
+                if expired:
+                    logger.info("purged %d conversation turns older than %s", expired, _age(ttl_s))
+            await asyncio.sleep(min(_PURGE_INTERVAL_S, retention_s / 4, max(ttl_s / 4, 60.0)))
 
     def _watch_secret_ages(self) -> None:
         """Export ``imrelay_secret_age_seconds`` when an encrypted secret store is in use."""

@@ -447,6 +447,34 @@ async def test_sqlite_context_file_matches_what_loads_through_the_cache(tmp_path
         assert await reopened.load("k", since=0) == []
 
 
+async def test_sqlite_context_expire_drops_cached_lists_that_lost_turns(tmp_path: Path) -> None:
+    """After expire() a cached history is read again: were the cached list kept, an append
+    that fits would skip the trim and the list would hold a turn the file no longer has."""
+    path = tmp_path / "imrelay.db"
+    async with SQLiteStore(path) as store:
+        await store.append("k", [said(1), said(2), said(3), said(100)], keep=4)
+        assert len(await store.load("k", since=0)) == 4  # cached
+        assert await store.expire(before=50.0) == 3
+        await store.append("k", [said(101), said(102)], keep=4)
+        loaded = [t.content for t in await store.load("k", since=0)]
+        assert loaded == context_rows(path, "k") == ["turn 100", "turn 101", "turn 102"]
+
+
+async def test_sqlite_context_expire_works_from_the_oldest_rows_in_batches(tmp_path: Path) -> None:
+    """Rows are deleted from the lowest ids up to the first fresh one, in transactions of at
+    most 2,000 rows; a turn stamped early but appended after a fresh one waits."""
+    path = tmp_path / "imrelay.db"
+    async with SQLiteStore(path) as store:
+        await store.append("old", [said(i, at=1.0) for i in range(4500)], keep=5000)
+        await store.append("k", [said(1, at=10.0), said(2, at=100.0), said(3, at=20.0)], keep=9)
+        commits = store._writer.commits
+        assert await store.expire(before=50.0) == 4501
+        assert store._writer.commits - commits == 3  # 2,000 + 2,000 + 501
+        assert context_rows(path, "old") == []
+        assert context_rows(path, "k") == ["turn 2", "turn 3"]
+        assert [t.at for t in await store.load("k", since=50.0)] == [100.0]
+
+
 async def test_sqlite_context_cache_is_bounded_and_rereads_an_evicted_key(tmp_path: Path) -> None:
     """Two keys cached: the least recently used one is dropped and read from the file again."""
     path = tmp_path / "imrelay.db"

@@ -390,6 +390,20 @@ class TestContext:
         assert await store.load("a", since=0) == []
         assert [t.content for t in await store.load("b", since=0)] == ["turn 2"]
 
+    async def test_expire_forgets_turns_stamped_before(self, store: Store) -> None:
+        """expire() deletes the turns older than its bound in every key, keeps the rest, and
+        counts what it deleted; a key left without turns loads empty."""
+        await store.append("b", [turn(1), turn(2)], keep=10)  # appended as time goes
+        await store.append("a", [turn(i) for i in range(1, 6)], keep=10)
+        assert await store.load("a", since=0) != []  # the SQLite store now caches both
+        assert await store.load("b", since=0) != []
+        assert await store.expire(before=3.0) == 4
+        assert [t.at for t in await store.load("a", since=0)] == [3.0, 4.0, 5.0]
+        assert await store.load("b", since=0) == []
+        assert await store.expire(before=3.0) == 0
+        await store.append("b", [turn(7)], keep=10)
+        assert [t.at for t in await store.load("b", since=0)] == [7.0]
+
 
 class TestLifecycle:
     async def test_ping_succeeds_when_open(self, store: Store) -> None:

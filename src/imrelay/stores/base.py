@@ -125,6 +125,14 @@ class ContextStore(Protocol):
         """Forget the history of ``key``."""
         ...
 
+    async def expire(self, before: float) -> int:
+        """Forget turns stamped before ``before`` (epoch s): no load asks for them any more.
+
+        Returns:
+            The number of turns deleted.
+        """
+        ...
+
 
 class Store(Inbox, Outbox, ContextStore, Protocol):
     """One backend that provides all three, plus lifecycle."""

@@ -251,6 +251,24 @@ class MemoryStore:
         self._check_open()
         self._context.pop(key, None)
 
+    async def expire(self, before: float) -> int:
+        """Forget turns stamped before ``before``; a key left without turns goes.
+
+        Returns:
+            The number of turns deleted.
+        """
+        self._check_open()
+        deleted = 0
+        for key, turns in list(self._context.items()):
+            kept = [t for t in turns if t.at >= before]
+            if len(kept) != len(turns):
+                deleted += len(turns) - len(kept)
+                if kept:
+                    self._context[key] = kept
+                else:
+                    del self._context[key]
+        return deleted
+
     def corrupt(self, platform: str, message_id: str, body: str) -> None:
         """Overwrite a stored record with ``body`` (lets tests exercise unreadable records)."""
         self._messages[(platform, message_id)].body = body

@@ -1,16 +1,16 @@
 """The SQLite store: durable inbox, outbox and conversation context in one file.
 
 Theory of operation: every write (``put``, ``set_state``, ``record_sent``, ``append``,
-``clear``, ``purge``) becomes an operation on an asyncio queue. One writer task drains the
-queue: it takes whatever is queued when it wakes (and, if that is a single operation, lingers
-``commit_interval_ms`` for company), then runs the whole batch in one transaction (see
-:mod:`imrelay.stores._writer`: the connection lives on the event loop, WAL checkpoints run in
-the background). The batch first runs without savepoints; if an operation fails, it is run
-again with a ``SAVEPOINT`` around each operation so the failing one is rolled back alone; the
-callers' futures resolve only after ``COMMIT`` returned, so ``put`` returning ``True``
-means the message is committed. Because operations run one after another on one connection, a
-duplicate within the same batch sees the keys its predecessor inserted: of two concurrent puts
-sharing a key exactly one wins.
+``clear``, ``purge``, ``expire``) becomes an operation on an asyncio queue. One writer task
+drains the queue: it takes whatever is queued when it wakes (and, if that is a single
+operation, lingers ``commit_interval_ms`` for company), then runs the whole batch in one
+transaction (see :mod:`imrelay.stores._writer`: the connection lives on the event loop, WAL
+checkpoints run in the background). The batch first runs without savepoints; if an operation
+fails, it is run again with a ``SAVEPOINT`` around each operation so the failing one is rolled
+back alone; the callers' futures resolve only after ``COMMIT`` returned, so ``put`` returning
+``True`` means the message is committed. Because operations run one after another on one
+connection, a duplicate within the same batch sees the keys its predecessor inserted: of two
+concurrent puts sharing a key exactly one wins.
 
 Reads run on the same connection between batches, so they see every committed write and never
 an uncommitted one.
@@ -33,6 +33,12 @@ for a key not used lately, and an append deletes old rows only when the key hold
 ``keep``. The lock above is what makes this safe: no other process writes the file. The list
 is updated once the append committed, and dropped when a write's outcome is unknown; a key
 with an append in flight is read from the file and not cached until that append has run.
+Turns older than the context TTL are deleted by :meth:`SQLiteStore.expire` (the gateway calls
+it with each purge): rows are appended as time goes, so the expired ones are the lowest ids,
+and each transaction reads at most ``_PURGE_BATCH`` rows from that end, deletes those before
+the first fresh one and stops there, without scanning the table. A turn stamped earlier than
+one appended before it (rare: a message handled late) waits for a later purge. A cached list
+that held an expired turn is dropped, to be read again.
 
 Dedup keys (``message_id`` plus ``dedup_keys``, per platform) are stamped with the store clock
 when the message is accepted and count for ``dedup_ttl_s`` seconds. A key older than that no
@@ -599,6 +605,40 @@ class SQLiteStore:
             )
         finally:
             self._context.pop(key, None)
+
+    async def expire(self, before: float) -> int:
+        """Forget turns stamped before ``before`` (epoch s), oldest first, in transactions of
+        at most ``_PURGE_BATCH`` rows (see the module docstring).
+
+        Returns:
+            The number of turns deleted.
+        """
+        limit = _PURGE_BATCH
+
+        def op(conn: sqlite3.Connection) -> tuple[int, bool]:
+            rows = conn.execute(
+                "SELECT id, at FROM context ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+            last = None
+            for ident, at in rows:
+                if at >= before:  # the first fresh turn: the rest is newer
+                    break
+                last = ident
+            if last is None:
+                return 0, False
+            deleted = conn.execute("DELETE FROM context WHERE id <= ?", (last,)).rowcount
+            return int(deleted), len(rows) == limit and last == rows[-1][0]
+
+        total = 0
+        more = True
+        try:
+            while more:
+                deleted, more = await self._write(op)
+                total += deleted
+        finally:  # a cached list is every row of its key: drop those that may have lost some
+            for key in [k for k, turns in self._context.items() if turns and turns[0].at < before]:
+                del self._context[key]
+        return total
 
     def _appended(self, key: str) -> None:
         left = self._appending.get(key, 0) - 1
