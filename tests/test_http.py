@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from _proxy import TunnelProxy
 from imrelay.http import HTTPClient, HTTPConnectError, HTTPError, HTTPProtocolError
 
 pytestmark = pytest.mark.timeout(30)
@@ -468,3 +469,81 @@ async def test_http_https_verifies_the_server(tmp_path: Path) -> None:
             with pytest.raises(HTTPConnectError, match="SSL"):
                 await client.request("POST", url, body=b"x")
             assert client._ssl is context
+
+
+async def test_http_tunnels_through_a_proxy_and_keeps_the_tunnel(app_url: str) -> None:
+    """With a proxy every connection is a CONNECT tunnel to the target; the proxy sees host and
+    port only, and a kept-alive connection is the same tunnel."""
+    async with TunnelProxy() as proxy, HTTPClient(proxy=proxy.url) as client:
+        for body in (b"one", b"two"):
+            resp = await client.request("POST", f"{app_url}/echo", body=body)
+            assert await resp.read() == body
+        assert client.connections_made == 1
+        assert proxy.seen == [("CONNECT", app_url.removeprefix("http://"))]
+
+
+async def test_http_proxy_credentials_and_a_refused_tunnel(app_url: str) -> None:
+    """Credentials in the proxy URL go as Basic Proxy-Authorization; a tunnel refused (407)
+    is a connect error naming the proxy's status, never the password."""
+    async with TunnelProxy(credentials=("svc-imrelay", "p@ss:wörd")) as proxy:
+        port = proxy.url.rsplit(":", 1)[1]
+        good = f"http://svc-imrelay:p%40ss%3Aw%C3%B6rd@127.0.0.1:{port}"
+        async with HTTPClient(proxy=good) as client:
+            resp = await client.request("POST", f"{app_url}/echo", body=b"ok")
+            assert await resp.read() == b"ok"
+        bad = f"http://svc-imrelay:wrong-secret@127.0.0.1:{port}"
+        async with HTTPClient(proxy=bad) as client:
+            with pytest.raises(HTTPConnectError, match=r"refused a tunnel.*http 407") as info:
+                await client.request("POST", f"{app_url}/echo", body=b"x")
+            assert "wrong-secret" not in str(info.value)
+            assert "wrong-secret" not in repr(client._proxy)
+        assert proxy.refused == 1
+        assert len(proxy.seen) == 1
+
+
+async def test_http_https_runs_end_to_end_inside_the_tunnel(tmp_path: Path) -> None:
+    """TLS is negotiated with the target through the tunnel (the proxy only pipes bytes): the
+    target's certificate is verified as without a proxy."""
+    cert, key = _self_signed(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, body = await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    async with server, TunnelProxy() as proxy:
+        trusting = ssl.create_default_context(cafile=str(cert))
+        async with HTTPClient(ssl_context=trusting, proxy=proxy.url) as client:
+            resp = await client.request("POST", f"https://127.0.0.1:{port}/", body=b"sealed")
+            assert await resp.read() == b"sealed"
+        async with HTTPClient(proxy=proxy.url) as client:  # the system trust store: refused
+            with pytest.raises(HTTPConnectError, match="SSL"):
+                await client.request("POST", f"https://127.0.0.1:{port}/", body=b"x")
+        assert proxy.seen == [("CONNECT", f"127.0.0.1:{port}")] * 2
+
+
+async def test_http_proxy_that_is_down_or_not_a_proxy() -> None:
+    """No proxy listening: a connect error naming the proxy. A server that answers CONNECT
+    with something other than HTTP: a connect error too. A URL that is not an HTTP proxy's is
+    refused when the client is made."""
+
+    async def not_a_proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+        await writer.drain()
+
+    server, url = await _serve_raw(not_a_proxy)
+    async with server, HTTPClient(proxy=url) as client:
+        with pytest.raises(HTTPConnectError, match="gave no tunnel"):
+            await client.request("GET", "http://127.0.0.1:9/")
+    async with HTTPClient(proxy="http://127.0.0.1:9", connect_timeout_s=2) as client:
+        with pytest.raises(HTTPConnectError, match=r"through the proxy 127\.0\.0\.1:9"):
+            await client.request("GET", "http://example.invalid/")
+    for bad in ("https://proxy:3128", "socks5://proxy:1080", "http://proxy:3128/path", "proxy"):
+        with pytest.raises(ValueError, match="proxy"):
+            HTTPClient(proxy=bad)

@@ -17,8 +17,10 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -70,7 +72,7 @@ from imrelay.stores import open_store
 from imrelay.stores.base import MessageState, Store
 from imrelay.worker import Worker
 
-__all__ = ["Gateway", "build_platforms"]
+__all__ = ["Gateway", "build_platforms", "close_opened"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,12 +137,62 @@ def build_platforms(
     http: aiohttp.ClientSession,
     metrics: Metrics,
     client: HTTPClient | None = None,
+    *,
+    opened: list[aiohttp.ClientSession | HTTPClient] | None = None,
 ) -> dict[str, Platform]:
-    """One connector per configured platform; REST calls go through ``client`` when given."""
-    return {
-        name: DingTalkConnector(name, conf, http, metrics, client=client)
-        for name, conf in settings.platforms.items()
-    }
+    """One connector per configured platform; REST calls go through ``client`` when given.
+
+    A platform with a ``proxy`` gets a session (and a client, when ``client`` is given) of its
+    own that go through it; they are appended to ``opened``, for the caller to close once the
+    platforms are done with (:func:`close_opened`).
+
+    Raises:
+        ValueError: a platform has a proxy and ``opened`` is not given.
+    """
+    platforms: dict[str, Platform] = {}
+    for name, conf in settings.platforms.items():
+        own_http, own_client = http, client
+        if conf.proxy is not None:
+            if opened is None:
+                raise ValueError("build_platforms: a proxied platform needs `opened`")
+            own_http, own_client = _proxied(conf.proxy.get_secret_value(), http, client)
+            opened.append(own_http)
+            if own_client is not None:
+                opened.append(own_client)
+        platforms[name] = DingTalkConnector(name, conf, own_http, metrics, client=own_client)
+    return platforms
+
+
+def _proxied(
+    proxy: str, http: aiohttp.ClientSession, client: HTTPClient | None
+) -> tuple[aiohttp.ClientSession, HTTPClient | None]:
+    """A session and a client like ``http`` and ``client`` that go through ``proxy``."""
+    parts = urlsplit(proxy)  # checked by the settings: http://[user:password@]host:port
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+    # aiohttp 3.x has no session-wide proxy headers, and calls its session-wide proxy_auth
+    # deprecated (for 4.0, which the dependency pin excludes): the warning is not the user's
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        auth = None
+        if parts.username is not None:
+            auth = aiohttp.BasicAuth(unquote(parts.username), unquote(parts.password or ""))
+        session = aiohttp.ClientSession(
+            timeout=http.timeout, proxy=f"http://{host}:{parts.port or 80}", proxy_auth=auth
+        )
+    tunnel = None
+    if client is not None:
+        tunnel = HTTPClient(limit=client.limit, user_agent=f"imrelay/{__version__}", proxy=proxy)
+    return session, tunnel
+
+
+async def close_opened(opened: list[aiohttp.ClientSession | HTTPClient]) -> None:
+    """Close what :func:`build_platforms` opened."""
+    while opened:
+        thing = opened.pop()
+        if isinstance(thing, HTTPClient):
+            await thing.aclose()
+        else:
+            await thing.close()
 
 
 class Gateway:
@@ -168,6 +220,8 @@ class Gateway:
         self.worker: Worker
         self.http: aiohttp.ClientSession | None = None
         self.client: HTTPClient | None = None
+        # sessions and clients of platforms that go through a proxy (build_platforms)
+        self._proxied: list[aiohttp.ClientSession | HTTPClient] = []
         self.port = 0
         self._web: web.AppRunner | None = None
         self._intake: dict[str, asyncio.Task[None]] = {}
@@ -209,7 +263,9 @@ class Gateway:
         self.http = aiohttp.ClientSession(timeout=_HTTP_TIMEOUT)
         self.client = HTTPClient(limit=_HTTP_CONNECTIONS, user_agent=f"imrelay/{__version__}")
         self.models = self._models or {name: build_model(name, m) for name, m in s.models.items()}
-        self.platforms = build_platforms(s, self.http, self.metrics, self.client)
+        self.platforms = build_platforms(
+            s, self.http, self.metrics, self.client, opened=self._proxied
+        )
         self.worker = self._build_worker()
         await self.worker.resume()
         self.worker.start()
@@ -536,6 +592,7 @@ class Gateway:
             await self.http.close()
         if self.client is not None:
             await self.client.aclose()
+        await close_opened(self._proxied)
         if self.audit is not None:
             await self.audit.aclose()
         if hasattr(self, "store"):

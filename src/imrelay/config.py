@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from imrelay.errors import ConfigError
+from imrelay.http import check_proxy_url
 from imrelay.security.access import AccessSettings
 from imrelay.security.audit import AuditSettings
 from imrelay.security.pii import PIISettings
@@ -134,6 +135,7 @@ class DingTalkSettings(_Section):
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     timestamp_window_s: float = Field(3600.0, gt=0)
     media_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    proxy: SecretStr | None = None
     reply: DingTalkReplySettings = Field(default_factory=DingTalkReplySettings)
     rate_limit: DingTalkRateLimitSettings = Field(default_factory=DingTalkRateLimitSettings)
 
@@ -152,6 +154,13 @@ class DingTalkSettings(_Section):
     def _valid_aes_key(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not _AES_KEY.fullmatch(value.get_secret_value()):
             raise ValueError("must be 43 letters and digits (the console's EncodingAESKey)")
+        return value
+
+    @field_validator("proxy")
+    @classmethod
+    def _valid_proxy(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_proxy_url(value.get_secret_value())
         return value
 
     @property

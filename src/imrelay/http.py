@@ -7,8 +7,12 @@ URL objects, multidicts, cookie handling, tracing hooks and timers the gateway n
 client does what the gateway needs in about a quarter of that:
 
 - ``http`` and ``https`` (TLS with the system's trust store, or a given ``ssl.SSLContext``);
-  no proxies, no cookies, no redirects, no compression (it sends no ``Accept-Encoding``, so a
-  server answers in identity encoding);
+  no cookies, no redirects, no compression (it sends no ``Accept-Encoding``, so a server
+  answers in identity encoding);
+- optionally through an HTTP forward proxy (``proxy="http://[user:password@]host:port"``):
+  every connection is a ``CONNECT`` tunnel to the target (TLS, for ``https``, runs inside it,
+  end to end), so the proxy sees host and port, never a request; a refused tunnel (407, 403,
+  …) is an :class:`HTTPConnectError` naming the proxy's status, never its credentials;
 - a pool of keep-alive connections per origin (scheme, host, port), bounded by ``limit`` (callers
   beyond it wait for a connection); a connection goes back to the pool only after its response
   was read to the end and neither side asked to close it, and an idle one is dropped after
@@ -32,6 +36,7 @@ closes its connection.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import ssl
 import time
@@ -39,7 +44,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 __all__ = [
     "HTTPClient",
@@ -49,6 +54,7 @@ __all__ = [
     "HTTPProtocolError",
     "HTTPStatusError",
     "Response",
+    "check_proxy_url",
 ]
 
 _MAX_HEAD: Final = 64 * 1024
@@ -110,6 +116,50 @@ class _Origin:
         default = 443 if self.scheme == "https" else 80
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port == default else f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Proxy:
+    host: str
+    port: int
+    authorization: str | None  # the Proxy-Authorization value, when credentials were given
+
+    @classmethod
+    def parse(cls, url: str) -> _Proxy:
+        """An ``http://[user:password@]host:port`` URL; ``ValueError`` (credentials left out
+        of the text) otherwise."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            raise ValueError("not a proxy url with a valid port") from None
+        if parts.scheme.lower() != "http" or not parts.hostname:
+            raise ValueError("must be http://host:port of an HTTP proxy")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("must be http://host:port of an HTTP proxy, without a path")
+        authorization = None
+        if parts.username is not None:
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            authorization = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+        return cls(parts.hostname, port or 80, authorization)
+
+    def __repr__(self) -> str:
+        return f"_Proxy({self.host!r}, {self.port})"
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def check_proxy_url(url: str) -> str:
+    """Return ``url`` if it is an ``http://[user:password@]host:port`` proxy URL.
+
+    Raises:
+        ValueError: it is not (the text never repeats the URL: it may hold a password).
+    """
+    _Proxy.parse(url)
+    return url
 
 
 class _Connection(asyncio.Protocol):
@@ -375,6 +425,11 @@ class HTTPClient:
         ssl_context: for ``https``; default: the system's trust store.
         user_agent: sent unless a request sets its own ``User-Agent``.
         clock: monotonic seconds (idle ages).
+        proxy: ``http://[user:password@]host:port`` of an HTTP proxy to tunnel every
+            connection through (see the module docstring); ``None``: connect directly.
+
+    Raises:
+        ValueError: ``limit`` below 1, or ``proxy`` not such a URL.
     """
 
     def __init__(
@@ -386,9 +441,11 @@ class HTTPClient:
         ssl_context: ssl.SSLContext | None = None,
         user_agent: str = "imrelay",
         clock: collections.abc.Callable[[], float] = time.monotonic,
+        proxy: str | None = None,
     ) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
+        self._proxy = _Proxy.parse(proxy) if proxy is not None else None
         self.limit = limit
         self.connect_timeout_s = connect_timeout_s
         self.keepalive_s = keepalive_s
@@ -593,24 +650,68 @@ class HTTPClient:
             if self._ssl is None:  # loading the trust store costs milliseconds: once per client
                 self._ssl = ssl.create_default_context()
             context = self._ssl
+        proxy = self._proxy
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, conn = await loop.create_connection(
-                    _Connection,
-                    origin.host,
-                    origin.port,
-                    ssl=context,
-                    server_hostname=origin.host if context is not None else None,
-                )
+                if proxy is not None:
+                    conn = await self._tunnel(proxy, origin, context)
+                else:
+                    _, conn = await loop.create_connection(
+                        _Connection,
+                        origin.host,
+                        origin.port,
+                        ssl=context,
+                        server_hostname=origin.host if context is not None else None,
+                    )
         except TimeoutError:
             raise HTTPConnectTimeout(
                 f"connecting to {origin.host_header} timed out after {self.connect_timeout_s:g} s"
             ) from None
+        except HTTPConnectError:
+            raise
         except (OSError, ssl.SSLError) as exc:
+            via = f" through the proxy {proxy.address}" if proxy is not None else ""
             raise HTTPConnectError(
-                f"cannot connect to {origin.host_header}: {type(exc).__name__}: {exc}"
+                f"cannot connect to {origin.host_header}{via}: {type(exc).__name__}: {exc}"
             ) from exc
         self.connections_made += 1
+        return conn
+
+    async def _tunnel(
+        self, proxy: _Proxy, origin: _Origin, context: ssl.SSLContext | None
+    ) -> _Connection:
+        """A connection to ``origin`` through a ``CONNECT`` tunnel of ``proxy`` (TLS inside
+        it when ``context`` is given)."""
+        loop = asyncio.get_running_loop()
+        transport, conn = await loop.create_connection(_Connection, proxy.host, proxy.port)
+        try:
+            host = f"[{origin.host}]" if ":" in origin.host else origin.host
+            target = f"{host}:{origin.port}"
+            lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
+            if proxy.authorization is not None:
+                lines.append(f"Proxy-Authorization: {proxy.authorization}")
+            transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            try:
+                status, reason, _ = _parse_head(await conn.read_until(b"\r\n\r\n", _MAX_HEAD))
+            except HTTPProtocolError as exc:
+                raise HTTPConnectError(
+                    f"the proxy {proxy.address} gave no tunnel to {origin.host_header}: {exc}"
+                ) from None
+            if not 200 <= status < 300:
+                raise HTTPConnectError(
+                    f"the proxy {proxy.address} refused a tunnel to {origin.host_header}:"
+                    f" http {status} {reason}".rstrip()
+                )
+            if conn.buffer:  # the tunnel's first bytes are ours to send
+                raise HTTPConnectError(f"the proxy {proxy.address} sent data into the tunnel")
+            if context is not None:
+                tls = await loop.start_tls(transport, conn, context, server_hostname=origin.host)
+                if tls is None:
+                    raise HTTPConnectError(f"no TLS through the proxy to {origin.host_header}")
+                conn.transport = tls
+        except BaseException:
+            transport.close()
+            raise
         return conn
 
     def _release(self, origin: _Origin, conn: _Connection, *, reusable: bool) -> None:

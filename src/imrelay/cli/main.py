@@ -158,7 +158,8 @@ def check(config: ConfigOption = None) -> None:
 async def _probe_all(settings: Settings) -> list[tuple[str, str, bool, str]]:
     import aiohttp
 
-    from imrelay.app import build_platforms
+    from imrelay.app import build_platforms, close_opened
+    from imrelay.http import HTTPClient
     from imrelay.models import build_model
     from imrelay.observability.metrics import Metrics
 
@@ -172,16 +173,20 @@ async def _probe_all(settings: Settings) -> list[tuple[str, str, bool, str]]:
         finally:
             await backend.aclose()
     rows.extend(_secret_rows(settings))
+    opened: list[aiohttp.ClientSession | HTTPClient] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
         try:
-            platforms = build_platforms(settings, http, Metrics(process=False))
-        except ConfigError as exc:
-            return [*rows, ("platform", exc.key, False, str(exc))]
-        for name, platform in platforms.items():
             try:
-                rows.append(("platform", name, True, await platform.probe()))
-            except Exception as exc:
-                rows.append(("platform", name, False, str(exc) or type(exc).__name__))
+                platforms = build_platforms(settings, http, Metrics(process=False), opened=opened)
+            except ConfigError as exc:
+                return [*rows, ("platform", exc.key, False, str(exc))]
+            for name, platform in platforms.items():
+                try:
+                    rows.append(("platform", name, True, await platform.probe()))
+                except Exception as exc:
+                    rows.append(("platform", name, False, str(exc) or type(exc).__name__))
+        finally:
+            await close_opened(opened)
     return rows
 
 
