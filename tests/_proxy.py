@@ -2,8 +2,9 @@
 (what aiohttp sends for a plain ``http``/``ws`` URL), each piped to its target as bytes.
 
 It records what it was asked (``("CONNECT", "host:port")`` or ``(method, absolute URL)``; only
-the first request of a connection: later ones on it go through the pipe unseen) and can demand
-Basic credentials (407 without them).
+the first request of a connection: later ones on it go through the pipe unseen), can demand
+Basic credentials (407 without them), and resolves ``aliases`` (host names only it knows, so a
+client that bypasses it cannot reach them).
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from urllib.parse import urlsplit
 class TunnelProxy:
     """``async with TunnelProxy() as proxy:`` then ``proxy.url``."""
 
-    def __init__(self, *, credentials: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        credentials: tuple[str, str] | None = None,
+        aliases: dict[str, str] | None = None,
+    ) -> None:
+        self.aliases = dict(aliases or {})
         self.seen: list[tuple[str, str]] = []
         self.refused = 0
         self._expected = None
@@ -73,13 +80,16 @@ class TunnelProxy:
             self.seen.append((method, target))
             if method == "CONNECT":
                 host, _, port = target.rpartition(":")
-                up_reader, upstream = await asyncio.open_connection(host.strip("[]"), int(port))
+                host = host.strip("[]")
+                up_reader, upstream = await asyncio.open_connection(
+                    self.aliases.get(host, host), int(port)
+                )
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             else:
                 parts = urlsplit(target)
                 assert parts.hostname is not None
                 up_reader, upstream = await asyncio.open_connection(
-                    parts.hostname, parts.port or 80
+                    self.aliases.get(parts.hostname, parts.hostname), parts.port or 80
                 )
                 kept = [
                     line for line in header_lines if line and not line.lower().startswith("proxy-")

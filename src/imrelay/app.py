@@ -175,7 +175,9 @@ def _proxied(
         warnings.simplefilter("ignore", DeprecationWarning)
         auth = None
         if parts.username is not None:
-            auth = aiohttp.BasicAuth(unquote(parts.username), unquote(parts.password or ""))
+            auth = aiohttp.BasicAuth(  # UTF-8, as imrelay.http encodes the same credentials
+                unquote(parts.username), unquote(parts.password or ""), encoding="utf-8"
+            )
         session = aiohttp.ClientSession(
             timeout=http.timeout, proxy=f"http://{host}:{parts.port or 80}", proxy_auth=auth
         )
@@ -186,13 +188,16 @@ def _proxied(
 
 
 async def close_opened(opened: list[aiohttp.ClientSession | HTTPClient]) -> None:
-    """Close what :func:`build_platforms` opened."""
+    """Close what :func:`build_platforms` opened (each of them, whatever the others do)."""
     while opened:
         thing = opened.pop()
-        if isinstance(thing, HTTPClient):
-            await thing.aclose()
-        else:
-            await thing.close()
+        try:
+            if isinstance(thing, HTTPClient):
+                await thing.aclose()
+            else:
+                await thing.close()
+        except Exception as exc:  # closing is best effort: the rest still gets closed
+            logger.warning("closing a proxied http client failed: %s", type(exc).__name__)
 
 
 class Gateway:

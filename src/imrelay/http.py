@@ -139,6 +139,8 @@ class _Proxy:
             raise ValueError("must be http://host:port of an HTTP proxy, without a path")
         authorization = None
         if parts.username is not None:
+            if ":" in unquote(parts.username):
+                raise ValueError("the proxy's user name must not hold a ':'")
             pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
             authorization = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
         return cls(parts.hostname, port or 80, authorization)

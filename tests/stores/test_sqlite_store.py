@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -458,6 +459,26 @@ async def test_sqlite_context_expire_drops_cached_lists_that_lost_turns(tmp_path
         await store.append("k", [said(101), said(102)], keep=4)
         loaded = [t.content for t in await store.load("k", since=0)]
         assert loaded == context_rows(path, "k") == ["turn 100", "turn 101", "turn 102"]
+
+
+async def test_sqlite_context_expire_cancelled_still_leaves_cache_and_file_agreeing(
+    tmp_path: Path,
+) -> None:
+    """A caller that stops waiting for expire() does not stop its delete, which commits
+    later; a load in between caches rows the delete then removes, so the delete itself drops
+    the cached lists."""
+    path = tmp_path / "imrelay.db"
+    async with SQLiteStore(path) as store:
+        await store.append("k", [said(1), said(100)], keep=4)
+        task = asyncio.create_task(store.expire(before=50.0))
+        await asyncio.sleep(0)  # its delete is queued
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert len(await store.load("k", since=0)) == 2  # read, and cached, before the delete
+        await store.append("other", [said(200)], keep=4)  # committed after the delete
+        loaded = [t.content for t in await store.load("k", since=0)]
+        assert loaded == context_rows(path, "k") == ["turn 100"]
 
 
 async def test_sqlite_context_expire_works_from_the_oldest_rows_in_batches(tmp_path: Path) -> None:

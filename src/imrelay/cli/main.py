@@ -7,6 +7,7 @@ import contextlib
 import signal
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import typer
 from rich.console import Console
@@ -50,6 +51,13 @@ def secrets_of(settings: Settings) -> list[str]:
     values: list[str] = []
     for platform in settings.platforms.values():
         values.append(platform.app_secret.get_secret_value())
+        for secret in (platform.aes_key, platform.token):
+            if secret is not None:
+                values.append(secret.get_secret_value())
+        if platform.proxy is not None:  # its password, as written and as meant
+            password = urlsplit(platform.proxy.get_secret_value()).password
+            if password:
+                values.extend({password, unquote(password)})
     for model in settings.models.values():
         key = getattr(model, "api_key", None)
         if key is not None:

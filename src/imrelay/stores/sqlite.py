@@ -627,17 +627,17 @@ class SQLiteStore:
             if last is None:
                 return 0, False
             deleted = conn.execute("DELETE FROM context WHERE id <= ?", (last,)).rowcount
+            # a cached list is every row of its key: drop those that may lose some, here,
+            # where no load can come between (it runs, and commits, on the loop)
+            for key in [k for k, turns in self._context.items() if turns and turns[0].at < before]:
+                del self._context[key]
             return int(deleted), len(rows) == limit and last == rows[-1][0]
 
         total = 0
         more = True
-        try:
-            while more:
-                deleted, more = await self._write(op)
-                total += deleted
-        finally:  # a cached list is every row of its key: drop those that may have lost some
-            for key in [k for k, turns in self._context.items() if turns and turns[0].at < before]:
-                del self._context[key]
+        while more:
+            deleted, more = await self._write(op)
+            total += deleted
         return total
 
     def _appended(self, key: str) -> None:

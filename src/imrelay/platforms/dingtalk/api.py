@@ -25,7 +25,7 @@ import aiohttp
 
 from imrelay import __version__, _json
 from imrelay.errors import PlatformAPIError, RateLimited
-from imrelay.http import HTTPClient, HTTPError
+from imrelay.http import HTTPClient, HTTPConnectError, HTTPError
 from imrelay.platforms.dingtalk.errors import DingTalkTokenInvalid, error_from_response
 from imrelay.platforms.dingtalk.protocol import (
     DEFAULT_SUBSCRIPTIONS,
@@ -156,8 +156,11 @@ class DingTalkAPI:
                 retryable=True,
             ) from exc
         except (aiohttp.ClientError, HTTPError) as exc:
+            # imrelay.http's connect errors name host, port and a proxy's answer (never a
+            # query or a credential); other texts may repeat the URL, so only their type
+            why = str(exc) if isinstance(exc, HTTPConnectError) else type(exc).__name__
             raise PlatformAPIError(
-                f"{what} failed: {type(exc).__name__}", platform=self.platform, retryable=True
+                f"{what} failed: {why}", platform=self.platform, retryable=True
             ) from exc
         try:
             parsed: Any = _json.loads(raw)
