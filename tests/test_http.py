@@ -441,9 +441,9 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-async def test_http_https_verifies_the_server(tmp_path: Path) -> None:
-    """TLS: a server whose certificate the context trusts answers; with the default trust
-    store the same server is refused at the handshake (a connect error)."""
+async def _tls_echo_server(tmp_path: Path) -> tuple[asyncio.Server, Path]:
+    """A TLS server on 127.0.0.1 that answers each request with its body, and its
+    self-signed certificate."""
     cert, key = _self_signed(tmp_path)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
@@ -454,7 +454,13 @@ async def test_http_https_verifies_the_server(tmp_path: Path) -> None:
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_ctx)
+    return await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_ctx), cert
+
+
+async def test_http_https_verifies_the_server(tmp_path: Path) -> None:
+    """TLS: a server whose certificate the context trusts answers; with the default trust
+    store the same server is refused at the handshake (a connect error)."""
+    server, cert = await _tls_echo_server(tmp_path)
     url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
     async with server:
         trusting = ssl.create_default_context(cafile=str(cert))
@@ -504,17 +510,7 @@ async def test_http_proxy_credentials_and_a_refused_tunnel(app_url: str) -> None
 async def test_http_https_runs_end_to_end_inside_the_tunnel(tmp_path: Path) -> None:
     """TLS is negotiated with the target through the tunnel (the proxy only pipes bytes): the
     target's certificate is verified as without a proxy."""
-    cert, key = _self_signed(tmp_path)
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(cert, key)
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _, body = await _read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_ctx)
+    server, cert = await _tls_echo_server(tmp_path)
     port = server.sockets[0].getsockname()[1]
     async with server, TunnelProxy() as proxy:
         trusting = ssl.create_default_context(cafile=str(cert))

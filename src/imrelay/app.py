@@ -20,7 +20,6 @@ import time
 import warnings
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -30,7 +29,7 @@ from imrelay import __version__
 from imrelay._loop import resettle_heap
 from imrelay.config import Settings
 from imrelay.errors import AuthError, ConfigError, StoreError
-from imrelay.http import HTTPClient
+from imrelay.http import HTTPClient, ProxyURL
 from imrelay.models import FallbackChain, build_model
 from imrelay.models.base import ModelBackend
 from imrelay.observability.metrics import Metrics, ProcessLimits, read_process_limits
@@ -167,19 +166,16 @@ def _proxied(
     proxy: str, http: aiohttp.ClientSession, client: HTTPClient | None
 ) -> tuple[aiohttp.ClientSession, HTTPClient | None]:
     """A session and a client like ``http`` and ``client`` that go through ``proxy``."""
-    parts = urlsplit(proxy)  # checked by the settings: http://[user:password@]host:port
-    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+    url = ProxyURL.parse(proxy)  # checked by the settings
     # aiohttp 3.x has no session-wide proxy headers, and calls its session-wide proxy_auth
     # deprecated (for 4.0, which the dependency pin excludes): the warning is not the user's
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         auth = None
-        if parts.username is not None:
-            auth = aiohttp.BasicAuth(  # UTF-8, as imrelay.http encodes the same credentials
-                unquote(parts.username), unquote(parts.password or ""), encoding="utf-8"
-            )
+        if url.user is not None:  # UTF-8, as imrelay.http encodes the same credentials
+            auth = aiohttp.BasicAuth(url.user, url.password, encoding="utf-8")
         session = aiohttp.ClientSession(
-            timeout=http.timeout, proxy=f"http://{host}:{parts.port or 80}", proxy_auth=auth
+            timeout=http.timeout, proxy=f"http://{url.address}", proxy_auth=auth
         )
     tunnel = None
     if client is not None:

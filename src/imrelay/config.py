@@ -35,7 +35,7 @@ from pydantic import (
 )
 
 from imrelay.errors import ConfigError
-from imrelay.http import check_proxy_url
+from imrelay.http import ProxyURL
 from imrelay.security.access import AccessSettings
 from imrelay.security.audit import AuditSettings
 from imrelay.security.pii import PIISettings
@@ -160,7 +160,7 @@ class DingTalkSettings(_Section):
     @classmethod
     def _valid_proxy(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
-            check_proxy_url(value.get_secret_value())
+            ProxyURL.parse(value.get_secret_value())
         return value
 
     @property

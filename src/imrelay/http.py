@@ -53,8 +53,8 @@ __all__ = [
     "HTTPError",
     "HTTPProtocolError",
     "HTTPStatusError",
+    "ProxyURL",
     "Response",
-    "check_proxy_url",
 ]
 
 _MAX_HEAD: Final = 64 * 1024
@@ -118,16 +118,23 @@ class _Origin:
         return host if self.port == default else f"{host}:{self.port}"
 
 
-@dataclass(frozen=True, slots=True)
-class _Proxy:
+@dataclass(frozen=True, slots=True, repr=False)
+class ProxyURL:
+    """An HTTP proxy's ``http://[user:password@]host:port``, parsed (user and password
+    percent-decoded). Its repr shows host and port only."""
+
     host: str
     port: int
-    authorization: str | None  # the Proxy-Authorization value, when credentials were given
+    user: str | None = None
+    password: str = ""
 
     @classmethod
-    def parse(cls, url: str) -> _Proxy:
-        """An ``http://[user:password@]host:port`` URL; ``ValueError`` (credentials left out
-        of the text) otherwise."""
+    def parse(cls, url: str) -> ProxyURL:
+        """Parse ``url``.
+
+        Raises:
+            ValueError: not such a URL (the text never repeats it: it may hold a password).
+        """
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -137,31 +144,27 @@ class _Proxy:
             raise ValueError("must be http://host:port of an HTTP proxy")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ValueError("must be http://host:port of an HTTP proxy, without a path")
-        authorization = None
-        if parts.username is not None:
-            if ":" in unquote(parts.username):
-                raise ValueError("the proxy's user name must not hold a ':'")
-            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-            authorization = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
-        return cls(parts.hostname, port or 80, authorization)
+        user = None if parts.username is None else unquote(parts.username)
+        if user is not None and ":" in user:
+            raise ValueError("the proxy's user name must not hold a ':'")
+        return cls(parts.hostname, port or 80, user, unquote(parts.password or ""))
 
     def __repr__(self) -> str:
-        return f"_Proxy({self.host!r}, {self.port})"
+        return f"ProxyURL({self.host!r}, {self.port})"
 
     @property
     def address(self) -> str:
+        """``host:port`` (an IPv6 host in brackets)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
-
-def check_proxy_url(url: str) -> str:
-    """Return ``url`` if it is an ``http://[user:password@]host:port`` proxy URL.
-
-    Raises:
-        ValueError: it is not (the text never repeats the URL: it may hold a password).
-    """
-    _Proxy.parse(url)
-    return url
+    @property
+    def authorization(self) -> str | None:
+        """The ``Proxy-Authorization`` value (Basic, UTF-8), when a user was given."""
+        if self.user is None:
+            return None
+        pair = f"{self.user}:{self.password}".encode()
+        return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
 class _Connection(asyncio.Protocol):
@@ -447,7 +450,7 @@ class HTTPClient:
     ) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
-        self._proxy = _Proxy.parse(proxy) if proxy is not None else None
+        self._proxy = ProxyURL.parse(proxy) if proxy is not None else None
         self.limit = limit
         self.connect_timeout_s = connect_timeout_s
         self.keepalive_s = keepalive_s
@@ -680,7 +683,7 @@ class HTTPClient:
         return conn
 
     async def _tunnel(
-        self, proxy: _Proxy, origin: _Origin, context: ssl.SSLContext | None
+        self, proxy: ProxyURL, origin: _Origin, context: ssl.SSLContext | None
     ) -> _Connection:
         """A connection to ``origin`` through a ``CONNECT`` tunnel of ``proxy`` (TLS inside
         it when ``context`` is given)."""

@@ -498,12 +498,7 @@ class SQLiteStore:
 
         # in transactions of at most _PURGE_BATCH rows per table: the connection is on the
         # event loop, and a first purge of a long-running inbox must not stall it
-        total = 0
-        more = True
-        while more:
-            deleted, more = await self._write(op)
-            total += deleted
-        return total
+        return await self._write_batches(op)
 
     # -- Outbox ----------------------------------------------------------------------------
 
@@ -633,6 +628,11 @@ class SQLiteStore:
                 del self._context[key]
             return int(deleted), len(rows) == limit and last == rows[-1][0]
 
+        return await self._write_batches(op)
+
+    async def _write_batches(self, op: Callable[[sqlite3.Connection], tuple[int, bool]]) -> int:
+        """Run ``op`` in transactions of its own until it says there is no more (it returns
+        how many rows it deleted and whether to go on); return the rows deleted in all."""
         total = 0
         more = True
         while more:
